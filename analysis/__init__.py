@@ -1,0 +1,1 @@
+"""Standalone analysis of exported vision encoders: probes, Grad-CAM, alignment, tables, figures."""

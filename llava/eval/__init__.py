@@ -1,0 +1,1 @@
+"""llava/eval package."""

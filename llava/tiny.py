@@ -1,0 +1,130 @@
+"""Offline tiny presets: `python -m llava.tiny OUT_DIR` writes small random-initialised models.
+
+Writes, with no network, normal HF directories that `from_pretrained` loads through the same code
+path as hub ids (DESIGN §2 "Offline tiny presets"):
+
+    OUT_DIR/llm/          tiny Qwen2 causal LM + a locally trained byte-level BPE tokenizer (ChatML, <image>)
+    OUT_DIR/siglip/       SiglipVisionModel      OUT_DIR/clip/        CLIPVisionModel
+    OUT_DIR/dinov2/       Dinov2Model            OUT_DIR/dinov2_reg/  Dinov2WithRegistersModel (4 registers)
+    OUT_DIR/mae/          ViTMAEModel            OUT_DIR/vit/         ViTModel
+    OUT_DIR/convnext/     ConvNextModel
+
+Each vision directory also holds its image processor (PIL backend). Weights are seeded, so the same
+command writes the same tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from llava.model.encoders import ENCODER_FAMILIES, image_processor_for
+from llava.model.tiny_tokenizer import build_tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _vit_kwargs(image_size: int, patch_size: int, hidden: int, layers: int) -> dict:
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "intermediate_size": hidden * 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def tiny_vision_configs(image_size: int = 32, patch_size: int = 8, hidden: int = 32, layers: int = 3) -> dict:
+    """family name → (config factory, model class name) for every tiny tower."""
+    vit = _vit_kwargs(image_size, patch_size, hidden, layers)
+    factories: dict[str, Callable[[], transformers.PretrainedConfig]] = {
+        "siglip": lambda: transformers.SiglipVisionConfig(**vit),
+        "clip": lambda: transformers.CLIPVisionConfig(**vit),
+        "dinov2": lambda: transformers.Dinov2Config(**vit),
+        "dinov2_reg": lambda: transformers.Dinov2WithRegistersConfig(**vit, num_register_tokens=4),
+        "mae": lambda: transformers.ViTMAEConfig(**vit, mask_ratio=0.75),
+        "vit": lambda: transformers.ViTConfig(**vit),
+        "convnext": lambda: transformers.ConvNextConfig(
+            hidden_sizes=[8, 16, 24, hidden], depths=[1, 1, 1, 1], image_size=image_size * 2
+        ),
+    }
+    classes = {
+        "siglip": "SiglipVisionModel",
+        "clip": "CLIPVisionModel",
+        "dinov2": "Dinov2Model",
+        "dinov2_reg": "Dinov2WithRegistersModel",
+        "mae": "ViTMAEModel",
+        "vit": "ViTModel",
+        "convnext": "ConvNextModel",
+    }
+    return {name: (factories[name], classes[name]) for name in factories}
+
+
+def tiny_llm_config(vocab_size: int, hidden: int = 64, layers: int = 2) -> transformers.Qwen2Config:
+    return transformers.Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+    )
+
+
+def write_llm(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(tiny_llm_config(len(tokenizer), hidden, layers))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_vision(name: str, out_dir: Path, seed: int = 0, image_size: int = 32, layers: int = 3) -> Path:
+    factory, class_name = tiny_vision_configs(image_size=image_size, layers=layers)[name]
+    config = factory()
+    torch.manual_seed(seed)
+    getattr(transformers, class_name)(config).save_pretrained(out_dir)
+    family = ENCODER_FAMILIES[name]
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    image_processor_for(family, size).save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tiny_presets(
+    out_dir: str | Path, seed: int = 0, image_size: int = 32, towers: tuple[str, ...] | None = None
+) -> dict[str, Path]:
+    """Write the tiny LLM and vision towers; returns name → directory."""
+    out = Path(out_dir)
+    paths = {"llm": write_llm(out / "llm", seed)}
+    for name in towers or tuple(tiny_vision_configs()):
+        paths[name] = write_vision(name, out / name, seed, image_size)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="directory to write the tiny presets into")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    parser.add_argument("--image_size", type=int, default=32, help="tower input resolution (patch size 8)")
+    parser.add_argument("--towers", nargs="*", default=None, help="subset of towers to write (default: all)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    paths = write_tiny_presets(args.out_dir, args.seed, args.image_size, tuple(args.towers) if args.towers else None)
+    for name, path in paths.items():
+        logger.info("%-10s %s", name, path)
+
+
+if __name__ == "__main__":
+    main()

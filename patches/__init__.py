@@ -1,0 +1,1 @@
+"""Small, version-guarded runtime patches to upstream libraries (each with a test)."""

@@ -1,0 +1,23 @@
+"""Shared pytest fixtures: offline environment and the tiny presets, written once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Directory with every tiny preset from `python -m llava.tiny` (LLM + all vision towers)."""
+    from llava.tiny import write_tiny_presets
+
+    out = tmp_path_factory.mktemp("tiny")
+    write_tiny_presets(out)
+    return out
