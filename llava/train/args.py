@@ -1,0 +1,137 @@
+"""Command-line arguments of `python -m llava.train.train` (LLaVA-NeXT names where they exist).
+
+Three dataclasses parsed by `HfArgumentParser`: what model to start from, what data to read, and how
+to train (HF `TrainingArguments` plus the loss, reference and per-module learning-rate options).
+Defaults are the paper's Stage-2 DPO recipe where one applies (DESIGN §4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import transformers
+
+from llava.train.losses import LOSSES, PREFERENCE_LOSSES
+from llava.train.param_groups import parse_tunable_parts
+
+REFERENCE_MODES = ("precomputed", "live", "none")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this MLLM checkpoint (Stage 1b/2/3). Else build from --llm + --vision_tower."
+        },
+    )
+    llm: str | None = field(default=None, metadata={"help": "LLM preset (qwen2.5-0.5b…7b), hub id or path."})
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "Vision preset, hub id or path; 'A+B' = ensemble."}
+    )
+    mm_vision_select_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Hidden state of the tower fed to the projector (default: family's, -2 for SigLIP)."
+        },
+    )
+    mm_vision_select_feature: str = field(
+        default="patch", metadata={"help": "'patch' (drop CLS/registers) or 'cls_patch'."}
+    )
+    mm_projector_type: str = field(
+        default="mlp2x_gelu", metadata={"help": "Projector type (HF Llava: mlp2x_gelu)."}
+    )
+    image_aspect_ratio: str = field(
+        default="square", metadata={"help": "'square' (paper) or 'anyres_max_9' (OneVision)."}
+    )
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Projector weights (projector/ dir or safetensors file) from a projector-only run."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="", metadata={"help": ".json/.jsonl records or a YAML mixture (DESIGN §3)."}
+    )
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Root that relative image paths resolve against."}
+    )
+    conv_template: str = field(
+        default="qwen_1_5", metadata={"help": "Chat template: qwen_1_5 or plain (Stage 1a)."}
+    )
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Max tokens after image expansion; longer is an error."}
+    )
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip invalid records (ids and reasons written to skipped_records.jsonl)."},
+    )
+
+
+@dataclass
+class PivotTrainingArguments(transformers.TrainingArguments):
+    loss_type: str = field(default="dpo", metadata={"help": f"One of {sorted(LOSSES)}."})
+    beta: float = field(
+        default=0.1, metadata={"help": "KL strength β of the preference losses (paper: 0.1)."}
+    )
+    dpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the preference loss (PIVOT: 1.0)."})
+    gamma: float = field(
+        default=0.0, metadata={"help": "Weight of an added SFT term on the chosen response (PIVOT: 0)."}
+    )
+    mpo_weights: str = field(
+        default="0.8,0.2,1.0", metadata={"help": "MPO preference,quality,generation weights."}
+    )
+    reference: str = field(
+        default="precomputed",
+        metadata={
+            "help": "Reference log-probs: 'precomputed' (one pass, cached), 'live' (frozen copy) or 'none' (SFT)."
+        },
+    )
+    ref_logps_path: str | None = field(
+        default=None,
+        metadata={"help": "Cache of precomputed reference log-probs (default: OUTPUT_DIR/ref_logps.json)."},
+    )
+    share_image_encoding: bool = field(
+        default=True,
+        metadata={"help": "Encode each pair's image once for chosen and rejected (off: naive baseline)."},
+    )
+    mm_tunable_parts: str = field(
+        default="mm_vision_tower,mm_mlp_adapter,mm_language_model",
+        metadata={"help": "Comma-separated subset of mm_vision_tower, mm_mlp_adapter, mm_language_model."},
+    )
+    mm_vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Vision tower LR (Stage 1b: 2e-6)."}
+    )
+    mm_projector_lr: float | None = field(
+        default=None, metadata={"help": "Projector LR (default: learning_rate)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"--loss_type {self.loss_type!r}: choose one of {sorted(LOSSES)}.")
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(f"--reference {self.reference!r}: choose one of {REFERENCE_MODES}.")
+        if self.loss_type in PREFERENCE_LOSSES and self.reference == "none":
+            raise ValueError(
+                f"--loss_type {self.loss_type} needs reference log-probs: --reference precomputed or live."
+            )
+        if self.beta <= 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}.")
+        parse_tunable_parts(self.mm_tunable_parts)
+        weights = [float(w) for w in self.mpo_weights.split(",")]
+        if len(weights) != 3:
+            raise ValueError(f"--mpo_weights needs three comma-separated numbers, got {self.mpo_weights!r}.")
+        self.remove_unused_columns = False
+
+    @property
+    def mpo_weight_tuple(self) -> tuple[float, float, float]:
+        a, b, c = (float(w) for w in self.mpo_weights.split(","))
+        return a, b, c

@@ -1,0 +1,136 @@
+"""Loss registry for the one Stage-2 trainer: SFT and the preference losses (DPO, IPO, hinge, MPO).
+
+Every loss takes a `PairStats` (per-sample log-probabilities of the chosen/rejected responses under
+the policy and the reference, token counts, and the chosen NLL summed over tokens) and returns
+`(per-sample loss [B], parts)` where `parts` maps a name ("dpo", "sft", ...) to its per-sample
+value, for logging. The trainer adds the optional SFT term `gamma * NLL(chosen)` to any preference
+loss (PIVOT/LLaVA-NeXT's `dpo_alpha`, `gamma`). Adding a loss is one function and one entry in `LOSSES`.
+
+Notation: `logits = (log πθ(y_w|x) - log πθ(y_l|x)) - (log πref(y_w|x) - log πref(y_l|x))` with
+sequence log-probabilities summed over response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PairStats:
+    """Per-sample statistics of a batch of (prompt, chosen, rejected) triples; all tensors [B]."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor | None
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor | None
+
+    @property
+    def chosen_nll(self) -> torch.Tensor:
+        """Mean negative log-likelihood per chosen token, per sample."""
+        return -self.policy_chosen / self.chosen_tokens.clamp(min=1)
+
+    def require_pairs(self, loss_type: str) -> None:
+        missing = [
+            name for name in ("policy_rejected", "ref_chosen", "ref_rejected") if getattr(self, name) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"loss_type={loss_type!r} needs rejected responses and reference log-probs; missing {missing}."
+            )
+
+    def logits(self) -> torch.Tensor:
+        return (self.policy_chosen - self.policy_rejected) - (self.ref_chosen - self.ref_rejected)
+
+    def rewards(self, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Implicit DPO rewards β·log(πθ/πref) of chosen and rejected (detached)."""
+        chosen = beta * (self.policy_chosen - self.ref_chosen).detach()
+        rejected = beta * (self.policy_rejected - self.ref_rejected).detach()
+        return chosen, rejected
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyperparameters shared by the losses (defaults: PIVOT's Stage 2 and InternVL's MPO)."""
+
+    beta: float = 0.1
+    mpo_weights: tuple[float, float, float] = (0.8, 0.2, 1.0)  # (preference, quality, generation)
+
+
+def sft_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised fine-tuning: NLL of the chosen response (Ouyang et al. 2022 SFT stage).
+
+    Per sample this is the token-mean NLL; the trainer normalises by the number of chosen tokens in
+    the whole optimizer step instead, so long and short responses weigh per token as in HF's SFT.
+    """
+    return stats.chosen_nll, {"sft": stats.chosen_nll}
+
+
+def dpo_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO, sigmoid form: -log σ(β·logits) (Rafailov et al. 2023, Eq. 7)."""
+    stats.require_pairs("dpo")
+    loss = -F.logsigmoid(cfg.beta * stats.logits())
+    return loss, {"dpo": loss}
+
+
+def ipo_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """IPO: (h - 1/(2β))² (Azar et al. 2023, Eq. 17), with τ = β.
+
+    h uses length-normalised (per-token mean) log-probabilities, as TRL does following the authors'
+    recommendation; the sum form over-weights long responses under a squared loss.
+    """
+    stats.require_pairs("ipo")
+    chosen = (stats.policy_chosen - stats.ref_chosen) / stats.chosen_tokens.clamp(min=1)
+    rejected = (stats.policy_rejected - stats.ref_rejected) / stats.rejected_tokens.clamp(min=1)
+    loss = (chosen - rejected - 1.0 / (2.0 * cfg.beta)) ** 2
+    return loss, {"ipo": loss}
+
+
+def hinge_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Hinge / SLiC-HF calibration loss: max(0, 1 - β·logits) (Zhao et al. 2023, Eq. 3 with δ = 1/β)."""
+    stats.require_pairs("hinge")
+    loss = torch.relu(1.0 - cfg.beta * stats.logits())
+    return loss, {"hinge": loss}
+
+
+def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
+    """BCO (Jung et al. 2024, Eq. 9) on pairs: -log σ(r_w - δ) - log σ(-(r_l - δ)).
+
+    δ is the mean reward of the batch (chosen and rejected, detached). BCO and TRL use a running mean
+    across steps; the in-batch mean keeps the loss a pure function of the batch, so resumed runs and
+    gradient-accumulation splits reproduce exactly. With the paper's global batch of 256 the two agree
+    closely.
+    """
+    chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
+    rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)
+    delta = torch.cat([chosen, rejected]).detach().mean()
+    return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+
+
+def mpo_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MPO: w_p·L_DPO + w_q·L_BCO + w_g·L_SFT (Wang et al. 2024, InternVL-MPO, Eq. 2; weights 0.8/0.2/1)."""
+    stats.require_pairs("mpo")
+    w_p, w_q, w_g = cfg.mpo_weights
+    preference = -F.logsigmoid(cfg.beta * stats.logits())
+    quality = bco_pair_loss(stats, cfg)
+    generation = stats.chosen_nll
+    loss = w_p * preference + w_q * quality + w_g * generation
+    return loss, {"dpo": preference, "bco_pair": quality, "sft": generation}
+
+
+LossFn = Callable[[PairStats, LossConfig], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+LOSSES: dict[str, LossFn] = {
+    "sft": sft_loss,
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "mpo": mpo_loss,
+}
+
+PREFERENCE_LOSSES = frozenset(name for name in LOSSES if name != "sft")

@@ -1,0 +1,86 @@
+"""Reference-model log-probabilities, precomputed in one pass and cached on disk by sample id.
+
+DPO needs log πref(y|x) for the chosen and rejected response of every pair. Instead of keeping a
+frozen copy of the model in memory for the whole run, the trainer can score every pair once before
+training (the policy at step 0 *is* the reference), with images, and read the numbers back by
+sample id. The cache is a JSON file `{"reference": ..., "logps": {id: [chosen, rejected]}}`; a
+cache that lacks any id of the dataset is an error, not a silent recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from llava.train.logps import pair_logps
+
+logger = logging.getLogger(__name__)
+
+
+def compute_reference_logps(
+    model: PreTrainedModel,
+    dataset: Dataset,
+    collator,
+    batch_size: int,
+    device: torch.device | str,
+    share_image_encoding: bool = True,
+) -> dict[str, tuple[float, float]]:
+    """Score every (chosen, rejected) pair of `dataset` with `model` in eval mode, no gradients."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    logps: dict[str, tuple[float, float]] = {}
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="reference log-probs", unit="batch"):
+            ids = batch.pop("sample_ids")
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            chosen, rejected, _, _ = pair_logps(model, batch, share_image_encoding)
+            for sample_id, c, r in zip(ids, chosen.tolist(), rejected.tolist()):
+                logps[sample_id] = (c, r)
+    model.train(was_training)
+    return logps
+
+
+def save_reference_logps(path: str | Path, logps: dict[str, tuple[float, float]], reference: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "reference": reference,
+        "num_samples": len(logps),
+        "logps": {k: list(v) for k, v in logps.items()},
+    }
+    path.write_text(json.dumps(payload))
+
+
+def load_reference_logps(path: str | Path, required_ids: list[str]) -> dict[str, tuple[float, float]]:
+    """Read a cache and check it covers every id the run will train on."""
+    payload = json.loads(Path(path).read_text())
+    logps = {k: (float(v[0]), float(v[1])) for k, v in payload["logps"].items()}
+    missing = [i for i in required_ids if i not in logps]
+    if missing:
+        raise ValueError(
+            f"reference log-prob cache {path} lacks {len(missing)} of {len(required_ids)} sample ids "
+            f"(first: {missing[:3]}); delete it to recompute, or point --ref_logps_path elsewhere."
+        )
+    logger.info(
+        "loaded reference log-probs for %d samples from %s (reference: %s)",
+        len(logps),
+        path,
+        payload["reference"],
+    )
+    return logps
+
+
+def lookup(
+    logps: dict[str, tuple[float, float]], ids: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected reference log-probs of a batch, as float32 tensors [B]."""
+    chosen = torch.tensor([logps[i][0] for i in ids], dtype=torch.float32, device=device)
+    rejected = torch.tensor([logps[i][1] for i in ids], dtype=torch.float32, device=device)
+    return chosen, rejected

@@ -1,0 +1,186 @@
+"""Entry point: `python -m llava.train.train [ModelArguments] [DataArguments] [PivotTrainingArguments]`.
+
+One command for every stage (flags in llava.train.args). Order of work: build or load the model, set
+the trainable parts, load and validate every record (an invalid record stops the run before
+training with file, id and reason, unless --skip_invalid), precompute reference log-probs if the loss
+needs them, then train with `PivotTrainer`, resuming automatically from the newest checkpoint in
+OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import transformers
+from safetensors.torch import load_file
+from transformers import HfArgumentParser
+from transformers.trainer_utils import get_last_checkpoint
+
+from llava.data.collator import DataCollator
+from llava.data.dataset import MultimodalDataset
+from llava.data.errors import RecordError
+from llava.data.mixture import load_records, read_mixture, read_raw_records
+from llava.model.builder import ModelConfig, build_model, load_model
+from llava.model.image_tokens import image_token_counter
+from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
+from llava.train.losses import PREFERENCE_LOSSES
+from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
+from llava.train.reference import compute_reference_logps, load_reference_logps, save_reference_logps
+from llava.train.trainer import PivotTrainer
+
+logger = logging.getLogger(__name__)
+
+SKIPPED_FILE = "skipped_records.jsonl"
+
+
+def load_or_build_model(model_args: ModelArguments, dtype: str):
+    if model_args.model_name_or_path:
+        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)
+    if not (model_args.llm and model_args.vision_tower):
+        raise ValueError("Give --model_name_or_path (a checkpoint) or both --llm and --vision_tower.")
+    cfg = ModelConfig(
+        llm=model_args.llm,
+        vision_tower=model_args.vision_tower,
+        mm_vision_select_layer=model_args.mm_vision_select_layer,
+        mm_vision_select_feature=model_args.mm_vision_select_feature,
+        mm_projector_type=model_args.mm_projector_type,
+        image_aspect_ratio=model_args.image_aspect_ratio,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+    model, tokenizer, image_processor = build_model(cfg)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    return model, tokenizer, image_processor
+
+
+def load_projector(model, path: str) -> None:
+    """Load projector weights (`linear_1.*`, `linear_2.*`) from a projector/ dir or safetensors file."""
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    state = load_file(str(file))
+    model.model.multi_modal_projector.load_state_dict(state)
+    logger.info("loaded projector weights from %s", file)
+
+
+def detect_record_kind(data_path: str) -> str:
+    """'preference' when the first record has chosen/rejected, else 'conversation'."""
+    first_file = read_mixture(data_path)[0].json_path if data_path.endswith((".yaml", ".yml")) else data_path
+    raw = read_raw_records(first_file)
+    if not raw:
+        raise ValueError(f"{first_file}: no records")
+    return "preference" if isinstance(raw[0], dict) and "chosen" in raw[0] else "conversation"
+
+
+def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> MultimodalDataset:
+    kind = detect_record_kind(data_args.data_path)
+    if train_args.loss_type in PREFERENCE_LOSSES and kind != "preference":
+        raise ValueError(
+            f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
+        )
+    records = load_records(data_args.data_path, data_args.image_folder, kind, seed=train_args.seed)
+    dataset = MultimodalDataset(
+        records,
+        tokenizer,
+        image_processor,
+        data_args.conv_template,
+        image_token_counter(config),
+        data_args.model_max_length,
+    )
+    errors = dataset.validate()
+    if errors:
+        handle_invalid(dataset, errors, data_args.skip_invalid, train_args.output_dir)
+    duplicates = [i for i, n in Counter(dataset.ids).items() if n > 1]
+    if duplicates and train_args.loss_type in PREFERENCE_LOSSES and train_args.reference == "precomputed":
+        raise ValueError(
+            f"{data_args.data_path}: duplicate sample ids {duplicates[:5]} would clash in the reference cache."
+        )
+    return dataset
+
+
+def handle_invalid(
+    dataset: MultimodalDataset, errors: list[RecordError], skip: bool, output_dir: str
+) -> None:
+    lines = [f"  {e.path} [{e.record_id}]: {e.reason}" for e in errors[:20]]
+    summary = (
+        f"{len(errors)} invalid record(s):\n" + "\n".join(lines) + ("\n  ..." if len(errors) > 20 else "")
+    )
+    if not skip:
+        raise RecordError(errors[0].path, errors[0].record_id, f"{summary}\nFix them or pass --skip_invalid.")
+    bad = {e.record_id for e in errors}
+    dataset.records = [r for r in dataset.records if r.id not in bad]
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(output_dir) / SKIPPED_FILE, "w") as handle:
+        for e in errors:
+            handle.write(json.dumps({"id": e.record_id, "file": e.path, "reason": e.reason}) + "\n")
+    logger.warning("skipping %s; %d records remain (listed in %s)", summary, len(dataset), SKIPPED_FILE)
+
+
+def reference_logps(model, dataset, collator, train_args) -> dict | None:
+    if train_args.loss_type not in PREFERENCE_LOSSES or train_args.reference != "precomputed":
+        return None
+    path = train_args.ref_logps_path or os.path.join(train_args.output_dir, "ref_logps.json")
+    if not os.path.exists(path):
+        if train_args.world_size > 1:
+            raise ValueError(
+                "Precompute reference log-probs on one process first (see scripts/train/dpo.sh)."
+            )
+        device = train_args.device
+        model.to(device)
+        logps = compute_reference_logps(
+            model,
+            dataset,
+            collator,
+            train_args.per_device_eval_batch_size,
+            device,
+            train_args.share_image_encoding,
+        )
+        save_reference_logps(
+            path, logps, reference=str(getattr(model.config, "_name_or_path", "initial policy"))
+        )
+    return load_reference_logps(path, dataset.ids)
+
+
+def run(
+    model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
+) -> PivotTrainer:
+    transformers.set_seed(train_args.seed)
+    dtype = "bfloat16" if train_args.bf16 else "float32"
+    model, tokenizer, image_processor = load_or_build_model(model_args, dtype)
+    counts = set_trainable_parts(model, parse_tunable_parts(train_args.mm_tunable_parts))
+    logger.info("trainable parameters per part: %s", counts)
+    dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
+    collator = DataCollator(tokenizer.pad_token_id)
+    ref = reference_logps(model, dataset, collator, train_args)
+    trainer = PivotTrainer(
+        model=model,
+        args=train_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        ref_logps=ref,
+    )
+    resume = train_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(train_args.output_dir):
+        resume = get_last_checkpoint(train_args.output_dir)
+        if resume:
+            logger.info("auto-resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        image_processor.save_pretrained(train_args.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> PivotTrainer:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = HfArgumentParser((ModelArguments, DataArguments, PivotTrainingArguments))
+    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
+    return run(model_args, data_args, train_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The one trainer for Stage 1, Stage 2 (SFT, DPO, IPO, hinge, MPO) and Stage 3 on `transformers.Trainer`.
+
+Only the loss differs between an SFT and a DPO run: both read one dataset class through one
+`MatchedSampler` (llava.train.sampling), with the same batch size and number of steps, and log the
+sample ids of every optimizer step to `sample_order.jsonl`.
+
+Normalisation across gradient accumulation and processes is done here (`loss_is_scaled_for_ga`):
+- SFT: summed token NLL / number of supervised tokens in the whole optimizer step (HF's rule, so a
+  batch of 8 equals 1×8 with accumulation even when responses differ in length);
+- preference losses: mean over the micro-batch's pairs / accumulation steps (equal-size micro-batches
+  give the exact mean over the step's pairs).
+
+Logged every `logging_steps`: loss parts, rewards/{chosen,rejected,margins,accuracies},
+logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides of a pair).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from llava.train.logps import chosen_logps, pair_logps
+from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats
+from llava.train.param_groups import build_param_groups, check_deepspeed_config, describe_groups
+from llava.train.reference import lookup
+from llava.train.sampling import MatchedSampler, SampleOrderLog
+
+logger = logging.getLogger(__name__)
+
+
+class PivotTrainer(Trainer):
+    """`Trainer` whose only per-run difference is `args.loss_type` (see module docstring)."""
+
+    def __init__(self, *args, ref_logps: dict[str, tuple[float, float]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = True
+        self.loss_config = LossConfig(beta=self.args.beta, mpo_weights=self.args.mpo_weight_tuple)
+        self.ref_logps = ref_logps
+        self.ref_model = None
+        if self.args.loss_type in PREFERENCE_LOSSES and self.args.reference == "live":
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if (
+            self.args.loss_type in PREFERENCE_LOSSES
+            and self.args.reference == "precomputed"
+            and ref_logps is None
+        ):
+            raise ValueError("reference='precomputed' needs ref_logps (see llava.train.reference).")
+        check_deepspeed_config(
+            self.args.deepspeed,
+            self.args.mm_vision_tower_lr is not None or self.args.mm_projector_lr is not None,
+        )
+        self.sample_log = SampleOrderLog(self.args.output_dir)
+        self._step_ids: list[str] = []
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
+        self.param_group_specs = []
+        self.add_callback(_StepEndCallback(self))
+
+    # ---- data -------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return MatchedSampler(
+            len(dataset), self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        )
+
+    # ---- optimizer ------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        groups, self.param_group_specs = build_param_groups(
+            model,
+            self.args.learning_rate,
+            self.args.weight_decay,
+            self.args.mm_vision_tower_lr,
+            self.args.mm_projector_lr,
+        )
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        logger.info(describe_groups(self.param_group_specs, model))
+        return self.optimizer
+
+    # ---- loss ------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs.pop("sample_ids")
+        if model.training:
+            self._step_ids.extend(ids)
+        loss_type = self.args.loss_type
+        tokens = int(inputs["attention_mask"].sum())
+        if loss_type in PREFERENCE_LOSSES:
+            tokens += int(inputs["rejected_attention_mask"].sum())
+            stats = self._pair_stats(model, inputs, ids)
+        else:
+            policy, counts = chosen_logps(model, inputs)
+            stats = PairStats(policy, None, None, None, counts, None)
+        per_sample, parts = LOSSES[loss_type](stats, self.loss_config)
+        if loss_type == "sft":
+            loss = self._token_normalised(
+                -stats.policy_chosen.sum(), stats.chosen_tokens.sum(), num_items_in_batch
+            )
+        else:
+            loss = self.args.dpo_alpha * per_sample.mean()
+            if self.args.gamma:
+                loss = loss + self.args.gamma * stats.chosen_nll.mean()
+            loss = loss / self.current_gradient_accumulation_steps
+        if model.training:
+            self._record(stats, parts, len(ids), tokens)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _token_normalised(self, nll_sum, local_tokens, num_items_in_batch) -> torch.Tensor:
+        if num_items_in_batch is None or not self.model.training:
+            return nll_sum / local_tokens.clamp(min=1)
+        loss = nll_sum / num_items_in_batch
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return loss
+
+    def _pair_stats(self, model, inputs, ids) -> PairStats:
+        share = self.args.share_image_encoding
+        chosen, rejected, chosen_n, rejected_n = pair_logps(model, inputs, share)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_chosen, ref_rejected, _, _ = pair_logps(self.ref_model, inputs, share)
+        else:
+            ref_chosen, ref_rejected = lookup(self.ref_logps, ids, chosen.device)
+        return PairStats(chosen, rejected, ref_chosen, ref_rejected, chosen_n, rejected_n)
+
+    # ---- logging ---------------------------------------------------------------------------
+    def _record(self, stats: PairStats, parts: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+        for name, value in parts.items():
+            self._metrics[f"loss/{name}"].append(value.detach().mean().item())
+        self._metrics["logps/chosen"].append(stats.policy_chosen.detach().mean().item())
+        if stats.policy_rejected is not None:
+            chosen, rejected = stats.rewards(self.loss_config.beta)
+            self._metrics["logps/rejected"].append(stats.policy_rejected.detach().mean().item())
+            self._metrics["rewards/chosen"].append(chosen.mean().item())
+            self._metrics["rewards/rejected"].append(rejected.mean().item())
+            self._metrics["rewards/margins"].append((chosen - rejected).mean().item())
+            self._metrics["rewards/accuracies"].append((chosen > rejected).float().mean().item())
+        self._throughput["samples"] += samples
+        self._throughput["tokens"] += tokens
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            for key, values in self._metrics.items():
+                logs[key] = sum(values) / len(values)
+            elapsed = max(time.perf_counter() - self._throughput["since"], 1e-9)
+            world = self.args.world_size
+            logs["samples/s"] = self._throughput["samples"] * world / elapsed
+            logs["tokens/s"] = self._throughput["tokens"] * world / elapsed
+            self._metrics.clear()
+            self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
+        super().log(logs, start_time)
+
+    def flush_step_ids(self) -> list[str]:
+        ids, self._step_ids = self._step_ids, []
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            ids = gather_object(ids)
+        return ids
+
+
+class _StepEndCallback(TrainerCallback):
+    """Writes each optimizer step's sample ids to sample_order.jsonl (main process)."""
+
+    def __init__(self, trainer: PivotTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.trainer.sample_log.truncate_after(state.global_step)
+        self.trainer._step_ids = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        ids = self.trainer.flush_step_ids()
+        if state.is_world_process_zero:
+            self.trainer.sample_log.append(state.global_step, round(state.epoch or 0.0, 6), ids)
