@@ -1,0 +1,111 @@
+"""A torch Dataset over parsed records: images loaded and processed, text tokenised with label masks.
+
+Items follow docs/CONTRACTS.md §3: `id`, `input_ids`/`labels` (1-D long tensors; the conversation, or
+prompt+chosen for preference records), `rejected_input_ids`/`rejected_labels` (preference records only),
+and for records with images `pixel_values` (whatever the image processor returns for the record's
+images, `[n_images, 3, H, W]` for square models) and `image_sizes` (`[n_images, 2]`, original h, w).
+Both sides of a preference pair share one `pixel_values`, so images are encoded once per pair.
+
+The number of visual tokens each `<image>` expands to is `image_token_count(h, w)` of the image's
+original size (constant for `square` models, size-dependent for anyres).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from llava.data.errors import RecordError
+from llava.data.images import load_image
+from llava.data.records import ConversationRecord, PreferenceRecord, Record
+from llava.data.templates import get_template
+from llava.data.tokenization import tokenize_conversation, tokenize_preference
+
+logger = logging.getLogger(__name__)
+
+ImageProcessor = Callable[..., Mapping[str, Any]]
+
+
+class MultimodalDataset(Dataset):
+    """Conversation and/or preference records → model-ready items (see module docstring)."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImageProcessor,
+        template: str,
+        image_token_count: Callable[[int, int], int],
+        model_max_length: int,
+    ) -> None:
+        if model_max_length < 1:
+            raise ValueError(f"model_max_length must be >= 1, got {model_max_length}")
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = get_template(template)
+        self.image_token_count = image_token_count
+        self.model_max_length = model_max_length
+
+    @property
+    def ids(self) -> list[str]:
+        """Record ids in dataset order."""
+        return [record.id for record in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load_images(self, record: Record) -> list[Image.Image]:
+        return [load_image(path, record.id, record.source) for path in record.images]
+
+    def _tokenize(self, record: Record, images: Sequence[Image.Image]) -> dict[str, list[int]]:
+        counts = [self.image_token_count(image.height, image.width) for image in images]
+        common = {"record_id": record.id, "source": record.source}
+        if isinstance(record, PreferenceRecord):
+            return tokenize_preference(
+                record.prompt,
+                record.chosen,
+                record.rejected,
+                self.tokenizer,
+                self.template,
+                counts,
+                self.model_max_length,
+                **common,
+            )
+        if isinstance(record, ConversationRecord):
+            input_ids, labels = tokenize_conversation(
+                record.turns, self.tokenizer, self.template, counts, self.model_max_length, **common
+            )
+            return {"input_ids": input_ids, "labels": labels}
+        raise TypeError(f"unsupported record type {type(record).__name__}")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        images = self._load_images(record)
+        item: dict[str, Any] = {"id": record.id}
+        for key, ids in self._tokenize(record, images).items():
+            item[key] = torch.tensor(ids, dtype=torch.long)
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt")
+            item["pixel_values"] = processed["pixel_values"]
+            item["image_sizes"] = torch.tensor(
+                [[image.height, image.width] for image in images], dtype=torch.long
+            )
+        return item
+
+    def validate(self) -> list[RecordError]:
+        """Check every record (images open, replies non-empty, length within limit); return all errors."""
+        errors: list[RecordError] = []
+        for record in self.records:
+            try:
+                self._tokenize(record, self._load_images(record))
+            except RecordError as error:
+                errors.append(error)
+        logger.info("validated %d records: %d with errors", len(self.records), len(errors))
+        return errors

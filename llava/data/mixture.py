@@ -1,0 +1,196 @@
+"""Loading records from a data file or a LLaVA-NeXT YAML mixture (DESIGN §3, `--data_path`).
+
+`data_path` is one of:
+
+- a `.json` file holding a list of records, or a `.jsonl` file with one record per line (blank lines
+  are allowed and ignored);
+- a `.yaml`/`.yml` mixture, LLaVA-NeXT style::
+
+      datasets:
+        - json_path: llava/instruct.json
+          sampling_strategy: random:10%     # all | first:N | end:N | random:N, N a count or a percentage
+
+  Relative `json_path`s are resolved against the YAML file's directory (not the working directory), so
+  a mixture file works from anywhere. A percentage keeps `ceil(p * len / 100)` records (as upstream).
+  `random:N` draws N distinct records with `random.Random(f"{seed}:{position}")` (position = index of the
+  entry in the mixture) and keeps them in file order; `first`/`end` take the first/last N.
+
+Records are parsed after sampling, with their index in the original file, so default ids
+(`"<file stem>:<index>"`) do not depend on the sampling. Image paths are resolved against `image_folder`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from llava.data.errors import DataFileError
+from llava.data.records import RECORD_PARSERS, Record, parse_record
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_STRATEGIES = ("all", "first", "end", "random")
+RECORD_FILE_SUFFIXES = (".json", ".jsonl")
+MIXTURE_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class SamplingStrategy:
+    """`all`, or `first`/`end`/`random` with an amount: a count (`"100"`) or a percentage (`"10%"`)."""
+
+    name: str
+    amount: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, path: str) -> SamplingStrategy:
+        """Parse `"all"` or `"<name>:<N>"`; errors name the mixture file `path`."""
+        name, _, amount = str(text).strip().partition(":")
+        if name not in SAMPLING_STRATEGIES:
+            raise DataFileError(path, f"unknown sampling_strategy {text!r}; use one of {SAMPLING_STRATEGIES}")
+        if name == "all":
+            if amount:
+                raise DataFileError(path, f"sampling_strategy 'all' takes no amount, got {text!r}")
+            return cls(name)
+        amount = amount.strip()
+        number = amount[:-1] if amount.endswith("%") else amount
+        try:
+            value = float(number) if amount.endswith("%") else int(number)
+        except ValueError as error:
+            raise DataFileError(
+                path, f"sampling_strategy {text!r} needs an amount like '{name}:100' or '{name}:10%'"
+            ) from error
+        if amount.endswith("%") and not 0 < value <= 100:
+            raise DataFileError(path, f"sampling_strategy {text!r}: percentage must be in (0, 100]")
+        if value < 1 and not amount.endswith("%"):
+            raise DataFileError(path, f"sampling_strategy {text!r}: count must be >= 1")
+        return cls(name, amount)
+
+    def count(self, n_records: int, path: str) -> int:
+        """How many of `n_records` records this strategy keeps; errors name the data file `path`."""
+        if self.amount is None:
+            return n_records
+        if self.amount.endswith("%"):
+            return math.ceil(float(self.amount[:-1]) * n_records / 100)
+        count = int(self.amount)
+        if count > n_records:
+            raise DataFileError(
+                path, f"{self.name}:{count} asks for more records than the file holds ({n_records})"
+            )
+        return count
+
+    def select(self, n_records: int, rng: random.Random, path: str) -> list[int]:
+        """Indices (in file order) of the records kept from a file of `n_records` records."""
+        count = self.count(n_records, path)
+        if self.name == "first":
+            return list(range(count))
+        if self.name == "end":
+            return list(range(n_records - count, n_records))
+        if self.name == "random":
+            return sorted(rng.sample(range(n_records), count))
+        return list(range(n_records))
+
+
+@dataclass(frozen=True)
+class MixtureEntry:
+    """One dataset of a mixture: a record file and how to sample it."""
+
+    json_path: str
+    strategy: SamplingStrategy
+
+
+def read_raw_records(path: str) -> list[Any]:
+    """Read the raw records of a `.json` (list) or `.jsonl` file."""
+    if not os.path.isfile(path):
+        raise DataFileError(path, "data file not found")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in RECORD_FILE_SUFFIXES:
+        raise DataFileError(
+            path, f"unsupported record file type {suffix!r}; use .json, .jsonl or a .yaml mixture"
+        )
+    with open(path, encoding="utf-8") as handle:
+        if suffix == ".json":
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise DataFileError(path, f"invalid JSON: {error}") from error
+            if not isinstance(records, list):
+                raise DataFileError(
+                    path, f"a .json data file must hold a list of records, got {type(records).__name__}"
+                )
+            return records
+        records = []
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataFileError(path, f"line {line_number}: invalid JSON: {error}") from error
+        return records
+
+
+def read_mixture(path: str) -> list[MixtureEntry]:
+    """Parse a YAML mixture file into its entries (json paths resolved against the YAML's directory)."""
+    if not os.path.isfile(path):
+        raise DataFileError(path, "mixture file not found")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            spec = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise DataFileError(path, f"invalid YAML: {error}") from error
+    if not isinstance(spec, dict) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
+        raise DataFileError(path, "a mixture must be a mapping with a non-empty list 'datasets'")
+    base = os.path.dirname(os.path.abspath(path))
+    entries = []
+    for position, item in enumerate(spec["datasets"]):
+        if not isinstance(item, dict) or not isinstance(item.get("json_path"), str):
+            raise DataFileError(path, f"datasets[{position}] must be a mapping with a string 'json_path'")
+        unknown = set(item) - {"json_path", "sampling_strategy"}
+        if unknown:
+            raise DataFileError(path, f"datasets[{position}] has unknown keys {sorted(unknown)}")
+        json_path = (
+            item["json_path"] if os.path.isabs(item["json_path"]) else os.path.join(base, item["json_path"])
+        )
+        strategy = SamplingStrategy.parse(item.get("sampling_strategy", "all"), path)
+        entries.append(MixtureEntry(json_path=json_path, strategy=strategy))
+    return entries
+
+
+def _parse_indices(
+    raw: list[Any], indices: list[int], source: str, kind: str, image_folder: str | None
+) -> list[Record]:
+    return [parse_record(raw[index], source, index, kind, image_folder) for index in indices]
+
+
+def load_records(data_path: str, image_folder: str | None, kind: str, seed: int = 0) -> list[Record]:
+    """Load and validate records from a .json/.jsonl file or a YAML mixture (see module docstring).
+
+    `kind` is "conversation" or "preference"; `seed` drives `random:N` sampling.
+    """
+    if kind not in RECORD_PARSERS:
+        raise ValueError(f"unknown record kind {kind!r}; choose one of {sorted(RECORD_PARSERS)}")
+    data_path = str(data_path)
+    if os.path.splitext(data_path)[1].lower() in MIXTURE_FILE_SUFFIXES:
+        entries = read_mixture(data_path)
+    else:
+        entries = [MixtureEntry(json_path=data_path, strategy=SamplingStrategy("all"))]
+    records: list[Record] = []
+    for position, entry in enumerate(entries):
+        raw = read_raw_records(entry.json_path)
+        indices = entry.strategy.select(len(raw), random.Random(f"{seed}:{position}"), entry.json_path)
+        records += _parse_indices(raw, indices, entry.json_path, kind, image_folder)
+        logger.info("%s: kept %d of %d records (%s)", entry.json_path, len(indices), len(raw), entry.strategy)
+    duplicates = [record_id for record_id, n in Counter(r.id for r in records).items() if n > 1]
+    if duplicates:
+        logger.warning(
+            "%s: %d record ids occur more than once, e.g. %s", data_path, len(duplicates), duplicates[:5]
+        )
+    return records

@@ -1,0 +1,67 @@
+# Shared by every training script (sourced, not run): distributed settings, batch arithmetic, launch.
+# Variables (override from the environment): NUM_GPUS NNODES RANK ADDR PORT GLOBAL_BATCH PER_DEVICE_BATCH
+# DEEPSPEED PYTHON. On a machine without CUDA the run is one plain CPU process (fp32).
+
+PYTHON=${PYTHON:-python}
+HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$HAS_CUDA" = "1" ]; then
+  NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+else
+  NUM_GPUS=0
+fi
+NNODES=${NNODES:-1}
+RANK=${RANK:-0}
+ADDR=${ADDR:-127.0.0.1}
+PORT=${PORT:-29500}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-4}
+SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEEPSPEED=${DEEPSPEED:-$SCRIPTS_DIR/zero3.json}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+
+# Gradient accumulation so that PER_DEVICE_BATCH x processes x GA = GLOBAL_BATCH exactly.
+pivot_grad_accum() {
+  local world=$(( (NUM_GPUS > 0 ? NUM_GPUS : 1) * NNODES ))
+  local per_step=$(( PER_DEVICE_BATCH * world ))
+  if [ $(( GLOBAL_BATCH % per_step )) -ne 0 ]; then
+    echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of PER_DEVICE_BATCH=$PER_DEVICE_BATCH x $world processes" >&2
+    return 1
+  fi
+  echo $(( GLOBAL_BATCH / per_step ))
+}
+
+# Run llava.train.train with the given arguments: torchrun + DeepSpeed + bf16 on GPUs, plain python on CPU.
+pivot_launch() {
+  if [ "$NUM_GPUS" -gt 0 ]; then
+    "$PYTHON" -m torch.distributed.run --nproc_per_node="$NUM_GPUS" --nnodes="$NNODES" --node_rank="$RANK" \
+      --master_addr="$ADDR" --master_port="$PORT" -m llava.train.train \
+      --deepspeed "$DEEPSPEED" --bf16 True --gradient_checkpointing True \
+      --gradient_checkpointing_kwargs '{"use_reentrant": false}' "$@"
+  else
+    "$PYTHON" -m llava.train.train --use_cpu True "$@"
+  fi
+}
+
+# Stage 2 (sft.sh, dpo.sh): reads the variables those scripts set at their top.
+pivot_stage2() {
+  local GA MODEL_ARGS
+  GA=$(pivot_grad_accum)
+  if [ -d "$CKPT_PATH" ]; then
+    MODEL_ARGS=(--model_name_or_path "$CKPT_PATH")
+  else
+    MODEL_ARGS=(--llm "$LLM_VERSION" --vision_tower "$VISION_MODEL_VERSION")
+  fi
+  echo "[stage2] $LOSS_TYPE: ${MODEL_ARGS[*]} data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
+
+  pivot_launch "${MODEL_ARGS[@]}" \
+    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
+    --loss_type "$LOSS_TYPE" --beta "$BETA" --gamma "$GAMMA" --reference "$REFERENCE" \
+    --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
+    --gradient_accumulation_steps "$GA" \
+    --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
+    --mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model \
+    --save_strategy steps --save_steps "$SAVE_STEPS" --logging_steps 1 --report_to "$REPORT_TO" \
+    --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Stage 2, DPO on MMPR pairs (paper §4 / DESIGN §4): global batch 256, 3 epochs, LR 1e-6, beta 0.1,
+# cosine, warmup 0.03, ZeRO-3. Every variable can be set from the environment; extra arguments are
+# passed to `python -m llava.train.train` (e.g. --max_steps 2).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
+VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
+RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
+# Stage-1 checkpoint to start from; if it does not exist, the model is built from the two versions above.
+CKPT_PATH=${CKPT_PATH:-runs/stage1_full/$RUN_BASE}
+DATA_PATH=${DATA_PATH:-data/mmpr/mmpr_dpo.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/mmpr}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/stage2/${RUN_BASE}_dpo}
+LOSS_TYPE=${LOSS_TYPE:-dpo}
+LR=${LR:-1e-6}
+BETA=${BETA:-0.1}
+GAMMA=${GAMMA:-0}
+EPOCHS=${EPOCHS:-3}
+REFERENCE=${REFERENCE:-precomputed}
+SEED=${SEED:-42}
+SAVE_STEPS=${SAVE_STEPS:-100}
+WORKERS=${WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}
+
+source scripts/train/common.sh
+pivot_stage2 "$@"

@@ -1,0 +1,111 @@
+"""Every figure function of analysis/plots.py renders a PNG from the hand-written fixture results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis import plots
+
+INPUTS = Path(__file__).parent / "fixtures" / "lmms_eval" / "report_inputs"
+
+
+def _rows(name: str) -> list[dict]:
+    return json.loads((INPUTS / name).read_text())["rows"]
+
+
+def _assert_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.width > 200 and image.height > 150
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert pixels.std() > 5  # something was drawn
+
+
+def _gradcam_samples(with_image: bool) -> list[plots.GradcamSample]:
+    rng = np.random.default_rng(0)
+    image = (rng.random((48, 64, 3)) * 255).astype(np.uint8) if with_image else None
+    return [
+        plots.GradcamSample(
+            id=f"s{i}",
+            image=image,
+            maps={"sft": rng.random((6, 8)), "dpo": rng.random((6, 8))},
+            stats={"dpo": {"mass_in_box": 0.5}},
+        )
+        for i in range(2)
+    ]
+
+
+FIGURES = {
+    "category_bars_encoder": lambda out: plots.plot_category_bars(
+        [r for r in _rows("benchmarks.json") if r["llm"] == "qwen2.5-1.5b"], out, x_key="vision_tower"
+    ),
+    "category_bars_llm": lambda out: plots.plot_category_bars(_rows("benchmarks.json"), out, x_key="llm"),
+    "data_scaling": lambda out: plots.plot_data_scaling(_rows("benchmarks.json"), out),
+    "linear_probe": lambda out: plots.plot_linear_probe(_rows("linear_probe.json"), out),
+    "seg_recall": lambda out: plots.plot_seg_recall(_rows("seg_probe.json"), out),
+    "alignment": lambda out: plots.plot_alignment(_rows("alignment.json"), out),
+    "gradcam_grid": lambda out: plots.plot_gradcam_grid(_gradcam_samples(with_image=True), out),
+    "gradcam_grid_maps_only": lambda out: plots.plot_gradcam_grid(_gradcam_samples(with_image=False), out),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_figure_renders_png(name, tmp_path):
+    out = tmp_path / "sub" / f"{name}.png"
+    assert FIGURES[name](out) == out
+    _assert_png(out)
+
+
+def test_group_mean_std_matches_hand_computation():
+    stats = plots.group_mean_std(_rows("seg_probe.json"), ["vision_tower", "loss_type"], "recall", scale=100)
+    base_sft = stats[("siglip2-base", "sft")]
+    assert base_sft.n == 2
+    assert base_sft.mean == pytest.approx(41.0)
+    assert base_sft.std == pytest.approx(math.sqrt(((40 - 41) ** 2 + (42 - 41) ** 2) / 1))
+    assert stats[("siglip2-so400m", "dpo")].mean == pytest.approx(54.0)
+    probe = plots.group_mean_std(_rows("linear_probe.json"), ["vision_tower", "loss_type"], "top1")
+    assert ("siglip2-base", "base") in probe  # rows without loss_type are the original encoder
+
+
+def test_order_values_sorts_by_one_size_rule():
+    towers = ["siglip2-so400m", "siglip2-giant-opt", "siglip2-base", "siglip2-large"]
+    assert plots.order_values(towers) == [
+        "siglip2-base",
+        "siglip2-large",
+        "siglip2-so400m",
+        "siglip2-giant-opt",
+    ]
+    llms = ["Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"]
+    assert plots.order_values(llms) == [llms[1], llms[2], llms[0]]
+    assert plots.order_values(["tower-x", "tower-a"]) == ["tower-x", "tower-a"]
+    assert plots.order_losses(["dpo", "custom", "sft", "base"]) == ["base", "sft", "dpo", "custom"]
+
+
+@pytest.mark.parametrize(
+    "value, expected", [(20000, 20000.0), ("20K", 20000.0), ("1.5M", 1.5e6), ("300", 300.0)]
+)
+def test_data_size_number(value, expected):
+    assert plots.data_size_number(value) == expected
+
+
+def test_missing_key_raises_naming_row_and_key(tmp_path):
+    rows = _rows("benchmarks.json")
+    rows[2] = {k: v for k, v in rows[2].items() if k != "loss_type"}
+    with pytest.raises(ValueError, match=r"row 2 \(sft-so400m-1.5b\) has no 'loss_type'"):
+        plots.plot_category_bars(rows, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no rows with method 'nope'"):
+        plots.plot_linear_probe(_rows("linear_probe.json"), tmp_path / "y.png", method="nope")
+    with pytest.raises(ValueError, match="data_size 'lots'"):
+        plots.plot_data_scaling([{**rows[0], "data_size": "lots"}], tmp_path / "z.png")
+
+
+def test_gradcam_grid_rejects_sample_without_maps(tmp_path):
+    sample = plots.GradcamSample(id="s", image=None, maps={"mpo": np.ones((2, 2))})
+    with pytest.raises(ValueError, match="has none of the maps"):
+        plots.plot_gradcam_grid([sample], tmp_path / "g.png")

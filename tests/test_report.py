@@ -1,0 +1,150 @@
+"""analysis/report.py: walks a results directory, draws what the inputs allow, writes report.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis.report import build_report, collect_results, hold_others_fixed, load_gradcam_samples, main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "lmms_eval"
+CAVEAT = "Miniature run of tiny random-initialised models, not the paper's result."
+ALL_FIGURES = {
+    "category_bars_encoder",
+    "category_bars_llm",
+    "data_scaling",
+    "linear_probe",
+    "gradcam_grid",
+    "seg_recall",
+    "alignment",
+}
+
+
+def _results_dir(root: Path) -> Path:
+    """The fixture results plus the binary Grad-CAM inputs they name (maps and one image)."""
+    results = root / "results"
+    shutil.copytree(FIXTURES / "report_inputs", results)
+    gradcam = results / "gradcam"
+    (gradcam / "maps").mkdir()
+    (gradcam / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for sample in ("sample-1", "sample-2"):
+        for loss in ("sft", "dpo"):
+            np.save(gradcam / "maps" / f"{sample}_{loss}.npy", rng.random((6, 6)))
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(
+        gradcam / "images" / "sample-1.png"
+    )
+    return results
+
+
+def _links(report: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("report")
+    path = build_report(_results_dir(root), root / "out", caveat=CAVEAT)
+    return path, path.read_text()
+
+
+def test_every_figure_is_drawn_and_linked(full_report):
+    path, text = full_report
+    links = _links(text)
+    assert {Path(link).stem for link in links} == ALL_FIGURES
+    for link in links:
+        with Image.open(path.parent / link) as image:
+            assert image.format == "PNG"
+    assert "Figures skipped" not in text
+
+
+def test_caveat_is_prominent_and_tables_are_embedded(full_report):
+    _, text = full_report
+    head = text.splitlines()[:4]
+    assert any(CAVEAT in line and line.startswith("> **") for line in head)
+    assert "| sft-base-1.5b | sft | siglip2-base | qwen2.5-1.5b | 20000 | 50.0 |" in text
+    # seg probe: mean ± std over the two seeds, as percentages (hand: recalls 0.40 and 0.42)
+    assert "| sft-b16 | sft | siglip2-base | 2 | 41.00 ± 1.41 |" in text
+    assert "| sample-1 | dpo | 0.52 | 3.60 |" in text
+
+
+def test_sweeps_hold_the_other_labels_fixed(full_report):
+    _, text = full_report
+    assert "Category averages per vision_tower at llm = qwen2.5-1.5b, data_size = 20000." in text
+    assert "Category averages per llm at vision_tower = siglip2-so400m, data_size = 20000." in text
+    assert "against Stage-2 training samples at vision_tower = siglip2-so400m, llm = qwen2.5-1.5b." in text
+
+
+def test_missing_inputs_are_listed_as_skipped(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "lmms_raw.json").write_text(json.dumps({"results": {}}))
+    (results / "other.json").write_text(json.dumps({"kind": "something_else", "rows": []}))
+    report = build_report(
+        results,
+        tmp_path / "out",
+        lmms_eval_dirs=[FIXTURES / "runs"],
+        labels=FIXTURES / "labels.yaml",
+    )
+    text = report.read_text()
+    assert {Path(link).stem for link in _links(text)} == {"category_bars_encoder"}
+    skipped = text.split("## Figures skipped for lack of inputs")[1]
+    assert "Figure 3: SFT vs DPO across LLM sizes: only one llm" in skipped
+    assert "Figures 4–5: data scaling: no benchmarks rows with loss_type and data_size" in skipped
+    for kind in ("linear_probe", "gradcam", "seg_probe", "alignment"):
+        assert f"no `{kind}` results files" in skipped
+    assert "unknown kind 'something_else'" in text and "1 JSON file(s) without a `kind`" in text
+    assert (tmp_path / "out" / "benchmarks.csv").is_file()
+    assert "| dpo-so400m | dpo | siglip2-so400m | qwen2.5-1.5b | 60.5* |" in text
+    assert "Caveat" not in text
+
+
+def test_gradcam_reader_reshapes_flat_maps_and_names_missing_files(tmp_path):
+    results = _results_dir(tmp_path)
+    np.save(results / "gradcam" / "maps" / "sample-2_dpo.npy", np.arange(36.0))
+    grouped, _ = collect_results(results)
+    samples = {s.id: s for s in load_gradcam_samples(grouped["gradcam"])}
+    assert samples["sample-2"].maps["dpo"].shape == (6, 6)
+    assert samples["sample-2"].maps["dpo"][1, 0] == 6.0
+    assert samples["sample-1"].image.shape == (48, 48, 3) and samples["sample-2"].image is None
+    assert samples["sample-1"].stats["dpo"] == {"mass_in_box": 0.52, "entropy": 3.6}
+    (results / "gradcam" / "maps" / "sample-1_sft.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"gradcam\.json row 0.*sample-1_sft\.npy"):
+        load_gradcam_samples(grouped["gradcam"])
+
+
+def test_cli_reads_caveat_file(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(FIXTURES / "report_inputs" / "seg_probe.json", results)
+    caveat = tmp_path / "caveat.txt"
+    caveat.write_text(CAVEAT + "\n")
+    assert main([str(results), str(tmp_path / "out"), "--caveat-file", str(caveat), "--title", "Demo"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.startswith("# Demo\n\n> **⚠️ Caveat:** " + CAVEAT)
+    assert "Figure 7: Grad-CAM, SFT vs DPO: no `gradcam` results files" in text
+    assert [Path(link).stem for link in _links(text)] == ["seg_recall"]
+
+
+def test_hold_others_fixed_keeps_unlabelled_rows():
+    rows = [
+        {"run": "base", "vision_tower": "b"},
+        {"run": "sft", "vision_tower": "b", "llm": "1.5b", "loss_type": "sft"},
+        {"run": "dpo", "vision_tower": "b", "llm": "1.5b", "loss_type": "dpo"},
+        {"run": "dpo-small", "vision_tower": "b", "llm": "0.5b", "loss_type": "dpo"},
+    ]
+    kept, note = hold_others_fixed(rows, "vision_tower", ["vision_tower", "llm", "data_size"])
+    assert [r["run"] for r in kept] == ["base", "sft", "dpo"]
+    assert note == " at llm = 1.5b"
+    assert hold_others_fixed(rows[:3], "vision_tower", ["llm"]) == (rows[:3], "")
+
+
+def test_out_dir_must_not_contain_results_dir(tmp_path):
+    with pytest.raises(ValueError, match="contains RESULTS_DIR"):
+        build_report(tmp_path / "out" / "results", tmp_path / "out")
