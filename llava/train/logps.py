@@ -7,8 +7,10 @@ go through one forward as a 2B batch that reuses the same image features, so the
 once and its gradient is the sum of both sides' gradients (the reference code encoded it twice, and
 twice more in the reference model).
 
-Logits are computed only at supervised positions (`labels != -100`), so the prompt and its hundreds
-of image tokens never pay for the vocabulary projection.
+The language-model pass goes through the (possibly DDP/DeepSpeed-wrapped) model's own `forward`,
+once per call, with `inputs_embeds`; the wrappers need that one forward per backward. Logits are
+computed only at positions that predict a supervised token (`logits_to_keep` with those column
+indices), so the prompt and its hundreds of image tokens never pay for the vocabulary projection.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ from transformers import PreTrainedModel
 IGNORE_INDEX = -100
 
 
+def unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The HF model inside a DDP / DeepSpeed wrapper (both keep it as `.module`)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def encode_images(
     model: PreTrainedModel, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None
 ) -> torch.Tensor | None:
     """Projected visual tokens of every image in the batch, concatenated: [total_image_tokens, D]."""
     if pixel_values is None:
         return None
+    model = unwrap(model)
     kwargs = {"image_sizes": image_sizes} if model.config.model_type == "llava_onevision" else {}
     pixel_values = pixel_values.to(model.dtype)
     features = model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
@@ -57,13 +65,15 @@ def response_logps(
     image_features: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of the supervised tokens of each row, and their count: ([B], [B])."""
-    embeds = embed_with_images(model, input_ids, image_features)
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    embeds = embed_with_images(unwrap(model), input_ids, image_features)
     targets = labels[:, 1:]
     valid = targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[:, :-1][valid]).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[valid].unsqueeze(-1)).squeeze(-1)
-    rows = valid.nonzero()[:, 0]
+    columns = valid.any(dim=0).nonzero()[:, 0]  # hidden state t predicts token t + 1
+    logits = model(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=columns).logits
+    kept_targets, kept_valid = targets[:, columns], valid[:, columns]
+    token_logps = torch.log_softmax(logits[kept_valid].float(), dim=-1)
+    token_logps = token_logps.gather(-1, kept_targets[kept_valid].unsqueeze(-1)).squeeze(-1)
+    rows = kept_valid.nonzero()[:, 0]
     sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
     return sums.index_add(0, rows, token_logps), valid.sum(dim=1)
 

@@ -5,6 +5,13 @@ the trainable parts, load and validate every record (an invalid record stops the
 training with file, id and reason, unless --skip_invalid), precompute reference log-probs if the loss
 needs them, then train with `PivotTrainer`, resuming automatically from the newest checkpoint in
 OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to OUTPUT_DIR.
+
+Stage 3 (llava.model.stage3): `--stage3_source` + `--llm` builds the new MLLM on the frozen encoder;
+a Stage-3 checkpoint given to `--model_name_or_path` is reloaded with its projector, and its encoder
+and reused projector layers are frozen whatever `--mm_tunable_parts` says. With `--export_encoder`
+(default) the encoder-export hook (llava.train.callbacks) writes vision_encoder/, projector/ and
+export.json into every checkpoint and OUTPUT_DIR; projector-only runs write OUTPUT_DIR/projector/ in
+any case, which `--pretrain_mm_mlp_adapter` reloads.
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
 from llava.data.mixture import load_records, read_mixture, read_raw_records
+from llava.export import cpu_state_dict, write_projector
 from llava.model.builder import ModelConfig, build_model, load_model
 from llava.model.image_tokens import image_token_counter
+from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3, load_stage3_model
 from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
+from llava.train.callbacks import EncoderExportCallback
 from llava.train.losses import PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
 from llava.train.reference import compute_reference_logps, load_reference_logps, save_reference_logps
@@ -37,9 +47,21 @@ logger = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_records.jsonl"
 
 
-def load_or_build_model(model_args: ModelArguments, dtype: str):
+def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str = "."):
+    if model_args.stage3_source:
+        cfg = Stage3Config(
+            source=model_args.stage3_source,
+            llm=model_args.llm,
+            projector_reuse_layers=model_args.projector_reuse_layers,
+            image_aspect_ratio=model_args.image_aspect_ratio,
+            dtype=dtype,
+            attn_implementation=model_args.attn_implementation,
+        )
+        return build_stage3_model(cfg, work_dir=output_dir)
     if model_args.model_name_or_path:
-        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)
+        config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
+        loader = load_stage3_model if is_stage3(config) else load_model
+        return loader(model_args.model_name_or_path, dtype, model_args.attn_implementation)
     if not (model_args.llm and model_args.vision_tower):
         raise ValueError("Give --model_name_or_path (a checkpoint) or both --llm and --vision_tower.")
     cfg = ModelConfig(
@@ -123,24 +145,15 @@ def reference_logps(model, dataset, collator, train_args) -> dict | None:
     if train_args.loss_type not in PREFERENCE_LOSSES or train_args.reference != "precomputed":
         return None
     path = train_args.ref_logps_path or os.path.join(train_args.output_dir, "ref_logps.json")
-    if not os.path.exists(path):
-        if train_args.world_size > 1:
-            raise ValueError(
-                "Precompute reference log-probs on one process first (see scripts/train/dpo.sh)."
+    # The main process scores every pair and writes the cache; the others wait, then read it.
+    with train_args.main_process_first(desc="reference log-probs"):
+        if not os.path.exists(path):
+            device = train_args.device
+            model.to(device)
+            logps = compute_reference_logps(
+                model, dataset, collator, train_args.per_device_eval_batch_size, device, train_args.share_image_encoding
             )
-        device = train_args.device
-        model.to(device)
-        logps = compute_reference_logps(
-            model,
-            dataset,
-            collator,
-            train_args.per_device_eval_batch_size,
-            device,
-            train_args.share_image_encoding,
-        )
-        save_reference_logps(
-            path, logps, reference=str(getattr(model.config, "_name_or_path", "initial policy"))
-        )
+            save_reference_logps(path, logps, reference=str(getattr(model.config, "_name_or_path", "initial policy")))
     return load_reference_logps(path, dataset.ids)
 
 
@@ -149,9 +162,13 @@ def run(
 ) -> PivotTrainer:
     transformers.set_seed(train_args.seed)
     dtype = "bfloat16" if train_args.bf16 else "float32"
-    model, tokenizer, image_processor = load_or_build_model(model_args, dtype)
-    counts = set_trainable_parts(model, parse_tunable_parts(train_args.mm_tunable_parts))
+    model, tokenizer, image_processor = load_or_build_model(model_args, dtype, train_args.output_dir)
+    parts = parse_tunable_parts(train_args.mm_tunable_parts)
+    counts = set_trainable_parts(model, parts)
+    if is_stage3(model.config):
+        counts = freeze_stage3(model, parts)
     logger.info("trainable parameters per part: %s", counts)
+    model.config.pivot_loss_type = train_args.loss_type
     dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
     collator = DataCollator(tokenizer.pad_token_id)
     ref = reference_logps(model, dataset, collator, train_args)
@@ -163,6 +180,8 @@ def run(
         processing_class=tokenizer,
         ref_logps=ref,
     )
+    if train_args.export_encoder:
+        trainer.add_callback(EncoderExportCallback(image_processor, train_args.loss_type))
     resume = train_args.resume_from_checkpoint
     if resume is None and os.path.isdir(train_args.output_dir):
         resume = get_last_checkpoint(train_args.output_dir)
@@ -172,6 +191,10 @@ def run(
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(train_args.output_dir)
+    if parts == ("mm_mlp_adapter",) and not train_args.export_encoder:
+        state = cpu_state_dict(model.model.multi_modal_projector, train_args.should_save)
+        if state is not None:
+            write_projector(state, os.path.join(train_args.output_dir, "projector"), model.config.projector_hidden_act)
     return trainer
 
 

@@ -39,6 +39,8 @@ class PivotTrainer(Trainer):
     def __init__(self, *args, ref_logps: dict[str, tuple[float, float]] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True
+        # Set per optimizer step by Trainer's loop; this default serves compute_loss calls outside train().
+        self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
         self.loss_config = LossConfig(beta=self.args.beta, mpo_weights=self.args.mpo_weight_tuple)
         self.ref_logps = ref_logps
         self.ref_model = None
@@ -108,14 +110,17 @@ class PivotTrainer(Trainer):
             loss = self.args.dpo_alpha * per_sample.mean()
             if self.args.gamma:
                 loss = loss + self.args.gamma * stats.chosen_nll.mean()
-            loss = loss / self.current_gradient_accumulation_steps
+            if model.training:
+                loss = loss / self.current_gradient_accumulation_steps
         if model.training:
             self._record(stats, parts, len(ids), tokens)
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _token_normalised(self, nll_sum, local_tokens, num_items_in_batch) -> torch.Tensor:
-        if num_items_in_batch is None or not self.model.training:
+        if not self.model.training:
             return nll_sum / local_tokens.clamp(min=1)
+        if num_items_in_batch is None:  # Trainer counts tokens only for models that accept loss kwargs
+            return nll_sum / local_tokens.clamp(min=1) / self.current_gradient_accumulation_steps
         loss = nll_sum / num_items_in_batch
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes
@@ -148,12 +153,17 @@ class PivotTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:
-            for key, values in self._metrics.items():
-                logs[key] = sum(values) / len(values)
+            keys = sorted(self._metrics)
+            local = [sum(self._metrics[k]) / len(self._metrics[k]) for k in keys]
+            local += [float(self._throughput["samples"]), float(self._throughput["tokens"])]
+            totals = torch.tensor(local, device=self.args.device)
+            if self.args.world_size > 1:  # every process calls log() at the same step
+                totals = self.accelerator.reduce(totals, reduction="sum")
+                totals[: len(keys)] /= self.args.world_size
             elapsed = max(time.perf_counter() - self._throughput["since"], 1e-9)
-            world = self.args.world_size
-            logs["samples/s"] = self._throughput["samples"] * world / elapsed
-            logs["tokens/s"] = self._throughput["tokens"] * world / elapsed
+            logs.update({key: value for key, value in zip(keys, totals[: len(keys)].tolist())})
+            logs["samples/s"] = totals[-2].item() / elapsed
+            logs["tokens/s"] = totals[-1].item() / elapsed
             self._metrics.clear()
             self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
         super().log(logs, start_time)
@@ -177,6 +187,7 @@ class _StepEndCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.trainer.sample_log.truncate_after(state.global_step)
         self.trainer._step_ids = []
+        self.trainer._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
 
     def on_step_end(self, args, state, control, **kwargs):
         ids = self.trainer.flush_step_ids()
