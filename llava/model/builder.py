@@ -73,9 +73,13 @@ class ModelConfig:
                 f"mm_projector_type={self.mm_projector_type!r}: only {PROJECTOR_TYPES} map onto HF Llava's projector."
             )
         if self.image_aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"image_aspect_ratio={self.image_aspect_ratio!r}; choose one of {ASPECT_RATIOS}.")
+            raise ValueError(
+                f"image_aspect_ratio={self.image_aspect_ratio!r}; choose one of {ASPECT_RATIOS}."
+            )
         if self.mm_vision_select_feature not in SELECT_FEATURES:
-            raise ValueError(f"mm_vision_select_feature={self.mm_vision_select_feature!r}; choose {SELECT_FEATURES}.")
+            raise ValueError(
+                f"mm_vision_select_feature={self.mm_vision_select_feature!r}; choose {SELECT_FEATURES}."
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {tuple(DTYPES)}.")
 
@@ -98,7 +102,9 @@ def build_vision(cfg: ModelConfig, dtype: torch.dtype) -> VisionSetup:
     members = split_ensemble(cfg.vision_tower)
     loaded = []
     for path in members:
-        tower, family, select_layer = load_vision_tower(path, cfg.mm_vision_select_layer, dtype, cfg.from_config_only)
+        tower, family, select_layer = load_vision_tower(
+            path, cfg.mm_vision_select_layer, dtype, cfg.from_config_only
+        )
         size = _tower_image_size(tower, family)
         loaded.append((tower, family, select_layer, size, family.grid_size(tower.config, size), path))
     tower, family, select_layer, size, grid, path = loaded[0]
@@ -107,7 +113,9 @@ def build_vision(cfg: ModelConfig, dtype: torch.dtype) -> VisionSetup:
     keep_cls = cfg.mm_vision_select_feature == "cls_patch"
     needs_wrapper = len(loaded) > 1 or family.output != "tokens" or prefix > 1 or (keep_cls and prefix != 1)
     if keep_cls and (len(loaded) > 1 or prefix != 1):
-        raise ValueError("mm_vision_select_feature='cls_patch' needs a single tower with exactly one CLS token.")
+        raise ValueError(
+            "mm_vision_select_feature='cls_patch' needs a single tower with exactly one CLS token."
+        )
     if not needs_wrapper:
         return VisionSetup(tower, family, select_layer, size, grid, 0 if keep_cls else prefix, processor)
     wrapper = PivotMultiTower.from_members(
@@ -149,10 +157,14 @@ def build_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     image_token_id = ensure_image_token(tokenizer)
     if cfg.from_config_only:
         llm = AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(llm_path), dtype=dtype, attn_implementation=cfg.attn_implementation
+            transformers.AutoConfig.from_pretrained(llm_path),
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
         )
     else:
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype, attn_implementation=cfg.attn_implementation
+        )
     if image_token_id >= llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
     vision = build_vision(cfg, dtype)
@@ -227,9 +239,14 @@ def _record_knobs(config, cfg: ModelConfig, vision: VisionSetup, llm_path: str) 
 
 def freeze_unused_vision_parts(model: PreTrainedModel) -> None:
     """Re-apply the family's freezing after `from_pretrained` (requires_grad is not saved)."""
+    tower = model.model.vision_tower
+    if isinstance(tower, PivotMultiTower):
+        for member, spec in zip(tower.members, tower.config.towers):
+            prepare_tower(member, ENCODER_FAMILIES[spec["family"]])
+        return
     family = ENCODER_FAMILIES.get(getattr(model.config, "pivot_encoder_family", ""))
     if family is not None:
-        prepare_tower(model.model.vision_tower, family)
+        prepare_tower(tower, family)
 
 
 def load_model(
@@ -251,7 +268,9 @@ def load_model(
     return model, tokenizer, image_processor
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor, out_dir: str | Path) -> None:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor, out_dir: str | Path
+) -> None:
     """Write a plain HF checkpoint (safetensors) with its tokenizer and image processor."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))

@@ -246,21 +246,26 @@ def resolve_select_layer(select_layer: int, depth: int) -> int:
     return index
 
 
-def truncated_vision_config(config: PretrainedConfig, select_layer: int) -> tuple[PretrainedConfig, EncoderFamily]:
+def truncated_vision_config(
+    config: PretrainedConfig, select_layer: int
+) -> tuple[PretrainedConfig, EncoderFamily]:
     """Vision config truncated to the selected layer, with the family's overrides applied."""
     family = family_for_config(config)
     vision_config = vision_config_of(config)
     if family.name == "mae":
         vision_config = _mae_to_vit_config(vision_config)
-    else:
-        vision_config = vision_config.__class__.from_dict(vision_config.to_dict())
-    for key, value in family.config_overrides.items():
-        setattr(vision_config, key, value)
+    settings = {**vision_config.to_dict(), **family.config_overrides}
     if family.output == "tokens":
-        vision_config.num_hidden_layers = resolve_select_layer(select_layer, family.depth(vision_config))
+        settings["num_hidden_layers"] = resolve_select_layer(select_layer, family.depth(vision_config))
+        for key in (
+            "out_features",
+            "out_indices",
+            "stage_names",
+        ):  # backbone stage lists (DINOv2) follow depth
+            settings.pop(key, None)
     elif select_layer != -1:
         raise ValueError(f"{family.name} towers only support mm_vision_select_layer=-1 (the last stage).")
-    return vision_config, family
+    return vision_config.__class__.from_dict(settings), family
 
 
 def _mae_to_vit_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -311,7 +316,11 @@ def load_vision_tower(
     if family.output == "tokens":
         logger.info(
             "%s: %s tower truncated to %d of %d layers (mm_vision_select_layer=%d)",
-            name_or_path, family.name, vision_config.num_hidden_layers, family.depth(vision_config_of(config)), select_layer,
+            name_or_path,
+            family.name,
+            vision_config.num_hidden_layers,
+            family.depth(vision_config_of(config)),
+            select_layer,
         )
     prepare_tower(tower, family)
     return tower, family, select_layer
@@ -329,7 +338,9 @@ def prepare_tower(tower: PreTrainedModel, family: EncoderFamily) -> None:
         tower.get_parameter(name).requires_grad_(False)
 
 
-def tower_features(tower: PreTrainedModel, pixel_values: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+def tower_features(
+    tower: PreTrainedModel, pixel_values: torch.Tensor, num_prefix_tokens: int
+) -> torch.Tensor:
     """The visual tokens the projector receives: last hidden state of the truncated tower, prefix dropped."""
     out = tower(pixel_values, output_hidden_states=True)
     hidden = out.hidden_states[-1]

@@ -117,7 +117,11 @@ class PivotMultiTower(PreTrainedModel):
 
     def _member_pixels(self, pixel_values: torch.Tensor, tower: dict) -> torch.Tensor:
         size = int(tower["image_size"])
-        if tower["mean"] == self.config.mean and tower["std"] == self.config.std and size == self.config.image_size:
+        if (
+            tower["mean"] == self.config.mean
+            and tower["std"] == self.config.std
+            and size == self.config.image_size
+        ):
             return pixel_values
         shape = (1, -1, 1, 1)
         mean_in = pixel_values.new_tensor(self.config.mean).view(shape)

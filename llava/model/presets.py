@@ -34,7 +34,10 @@ VISION_PRESETS: dict[str, str] = {
 # Encoders without an HF-format release: convert once, then point the variable at the directory.
 LOCAL_VISION_PRESETS: dict[str, tuple[str, str]] = {
     "moco-v3-b16": ("PIVOT_MOCO_V3_B16", "MoCo-v3 ViT-B/16 converted to the HF ViTModel layout"),
-    "convnext-xxl": ("PIVOT_CONVNEXT_XXL", "open_clip CLIP-ConvNeXt-XXL converted to the HF ConvNextModel layout"),
+    "convnext-xxl": (
+        "PIVOT_CONVNEXT_XXL",
+        "open_clip CLIP-ConvNeXt-XXL converted to the HF ConvNextModel layout",
+    ),
 }
 
 ENSEMBLE_SEPARATOR = "+"
@@ -54,7 +57,9 @@ def resolve_vision_tower(name: str) -> str:
         variable, what = LOCAL_VISION_PRESETS[key]
         path = os.environ.get(variable)
         if not path:
-            raise ValueError(f"Vision preset {name!r} needs a local checkpoint: set {variable} to the directory of {what}.")
+            raise ValueError(
+                f"Vision preset {name!r} needs a local checkpoint: set {variable} to the directory of {what}."
+            )
         return path
     return name
 
