@@ -24,7 +24,6 @@ Rendering uses the Agg canvas directly, so importing this module leaves the pypl
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -413,14 +412,6 @@ def plot_alignment(
     return _save(fig, out_path)
 
 
-def _normalised(grid: np.ndarray) -> np.ndarray:
-    grid = np.asarray(grid, dtype=np.float64)
-    if grid.ndim != 2:
-        raise ValueError(f"Grad-CAM map must be a 2-D patch grid, got shape {grid.shape}")
-    low, high = float(grid.min()), float(grid.max())
-    return (grid - low) / (high - low) if high > low and math.isfinite(high - low) else np.zeros_like(grid)
-
-
 def plot_gradcam_grid(
     samples: Sequence[GradcamSample],
     out_path: Path,
@@ -428,7 +419,11 @@ def plot_gradcam_grid(
     alpha: float = 0.5,
     title: str | None = None,
 ) -> Path:
-    """Figure 7: one row per sample; columns image | one overlay per loss type (maps min-max scaled)."""
+    """Figure 7: one row per sample; columns image | one overlay per loss type.
+
+    The maps of a row share one colour scale, 0 to the largest value among them, so SFT and DPO
+    gradient magnitudes on the same sample compare directly.
+    """
     if not samples:
         raise ValueError("Grad-CAM grid: no samples")
     for sample in samples:
@@ -443,6 +438,10 @@ def plot_gradcam_grid(
     headers = (["image"] if with_image else []) + [loss.upper() for loss in loss_types]
     for r, sample in enumerate(samples):
         row_axes = list(axes[r])
+        row_max = max(
+            (float(np.max(sample.maps[loss])) for loss in loss_types if loss in sample.maps), default=0.0
+        )
+        scale = row_max if row_max > 0 else 1.0
         if with_image:
             ax = row_axes.pop(0)
             if sample.image is not None:
@@ -459,14 +458,16 @@ def plot_gradcam_grid(
             elif sample.image is not None:
                 ax.imshow(sample.image)
                 ax.imshow(
-                    _normalised(sample.maps[loss]),
+                    sample.maps[loss] / scale,
                     cmap="jet",
+                    vmin=0.0,
+                    vmax=1.0,
                     alpha=alpha,
                     interpolation="bilinear",
                     extent=(0, width, height, 0),
                 )
             else:
-                ax.imshow(_normalised(sample.maps[loss]), cmap="jet", interpolation="nearest")
+                ax.imshow(sample.maps[loss] / scale, cmap="jet", vmin=0.0, vmax=1.0, interpolation="nearest")
             mass = sample.stats.get(loss, {}).get("mass_in_box")
             if mass is not None:
                 ax.set_xlabel(f"mass in box {mass:.2f}", fontsize=7)

@@ -126,20 +126,30 @@ def _load_grid(path: Path, where: str) -> np.ndarray:
 
 
 def load_gradcam_samples(files: Sequence[ResultsFile]) -> list[plots.GradcamSample]:
-    """Group gradcam rows by sample ``id``: load each loss type's map and the sample's image."""
-    samples: dict[str, plots.GradcamSample] = {}
+    """Group gradcam rows by (run, sample id): load each loss type's map and the sample's image.
+
+    Protocol runs log several training steps per (sample, loss); the figure shows the latest step
+    (the paper looks around step 20). Two maps at the same step for one (run, sample, loss) are an error.
+    """
+    samples: dict[tuple[str, str], plots.GradcamSample] = {}
+    steps: dict[tuple[str, str, str], float] = {}
     for file in files:
         for index, row in enumerate(file.rows):
             where = f"{file.path} row {index}"
             for key in ("id", "loss_type", "map_npy"):
                 if row.get(key) is None:
                     raise ValueError(f"{where}: gradcam row has no {key!r}")
-            sample = samples.setdefault(str(row["id"]), plots.GradcamSample(str(row["id"]), None, {}))
+            run = str(row.get("run") or "")
+            label = f"{run}: {row['id']}" if run else str(row["id"])
+            sample = samples.setdefault((run, str(row["id"])), plots.GradcamSample(label, None, {}))
             loss = str(row["loss_type"]).lower()
-            if loss in sample.maps:
-                raise ValueError(
-                    f"{where}: second {loss!r} map for sample {row['id']!r}; keep one per results dir"
-                )
+            step = float(row.get("step") or 0)
+            previous = steps.get((run, str(row["id"]), loss))
+            if previous is not None and step == previous:
+                raise ValueError(f"{where}: second {loss!r} map for sample {row['id']!r} at step {step:g}")
+            if previous is not None and step < previous:
+                continue
+            steps[(run, str(row["id"]), loss)] = step
             sample.maps[loss] = _load_grid(file.path.parent / str(row["map_npy"]), where)
             sample.stats[loss] = {
                 k: float(row[k]) for k in ("mass_in_box", "entropy") if row.get(k) is not None

@@ -109,3 +109,19 @@ def test_gradcam_grid_rejects_sample_without_maps(tmp_path):
     sample = plots.GradcamSample(id="s", image=None, maps={"mpo": np.ones((2, 2))})
     with pytest.raises(ValueError, match="has none of the maps"):
         plots.plot_gradcam_grid([sample], tmp_path / "g.png")
+
+
+def test_gradcam_grid_rows_share_one_colour_scale(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    real_imshow = matplotlib.axes.Axes.imshow
+    shown = []
+
+    def recording_imshow(self, data, *args, **kwargs):
+        shown.append((np.asarray(data).tolist(), kwargs.get("vmin"), kwargs.get("vmax")))
+        return real_imshow(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", recording_imshow)
+    sample = plots.GradcamSample("s", None, {"sft": np.array([[1.0, 2.0]]), "dpo": np.array([[4.0, 0.0]])})
+    plots.plot_gradcam_grid([sample], tmp_path / "g.png")
+    assert shown == [([[0.25, 0.5]], 0.0, 1.0), ([[1.0, 0.0]], 0.0, 1.0)]

@@ -148,3 +148,24 @@ def test_hold_others_fixed_keeps_unlabelled_rows():
 def test_out_dir_must_not_contain_results_dir(tmp_path):
     with pytest.raises(ValueError, match="contains RESULTS_DIR"):
         build_report(tmp_path / "out" / "results", tmp_path / "out")
+
+
+def test_gradcam_reader_keeps_the_latest_step_and_separates_runs(tmp_path):
+    results = tmp_path / "results"
+    (results / "maps").mkdir(parents=True)
+    rows = []
+    for run in ("sft-run", "dpo-run"):
+        for step in (0, 20, 5):
+            name = f"maps/{run}_{step}.npy"
+            np.save(results / name, np.full((2, 2), float(step)))
+            rows.append({"run": run, "id": "s1", "loss_type": "dpo", "step": step, "map_npy": name})
+    (results / "gradcam.json").write_text(json.dumps({"kind": "gradcam", "rows": rows}))
+    grouped, _ = collect_results(results)
+    samples = {s.id: s for s in load_gradcam_samples(grouped["gradcam"])}
+    assert set(samples) == {"sft-run: s1", "dpo-run: s1"}
+    assert all(s.maps["dpo"][0, 0] == 20.0 for s in samples.values())
+    rows.append(dict(rows[1]))
+    (results / "gradcam.json").write_text(json.dumps({"kind": "gradcam", "rows": rows}))
+    grouped, _ = collect_results(results)
+    with pytest.raises(ValueError, match="second 'dpo' map for sample 's1' at step 20"):
+        load_gradcam_samples(grouped["gradcam"])
