@@ -255,6 +255,10 @@ def load_model(
     """Load a checkpoint written by `save_model`; returns (model, tokenizer, image_processor)."""
     path = str(path)
     config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "pivot_projector_reuse_layers", None) is not None:
+        from llava.model.stage3 import load_stage3_model  # Stage-3 projector (llava.model.stage3)
+
+        return load_stage3_model(path, dtype, attn_implementation)
     model_class = (
         transformers.LlavaOnevisionForConditionalGeneration
         if config.model_type == "llava_onevision"

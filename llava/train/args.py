@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from llava.model.stage3 import REUSE_CHOICES
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts
 
@@ -53,6 +54,41 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
     )
+    stage3_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Stage 3: Stage-2 checkpoint or exported-encoder dir whose frozen encoder goes under --llm."
+        },
+    )
+    projector_reuse_layers: int = field(
+        default=1,
+        metadata={
+            "help": "Stage 3: frozen Stage-2 projector layers reused (0, 1, 2) before new ones (paper: 1 + 1)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.projector_reuse_layers not in REUSE_CHOICES:
+            raise ValueError(
+                f"--projector_reuse_layers {self.projector_reuse_layers}: choose one of {REUSE_CHOICES}."
+            )
+        if self.stage3_source is None:
+            return
+        clashes = [
+            flag
+            for flag, value in (
+                ("--model_name_or_path", self.model_name_or_path),
+                ("--vision_tower", self.vision_tower),
+                ("--pretrain_mm_mlp_adapter", self.pretrain_mm_mlp_adapter),
+            )
+            if value
+        ]
+        if clashes:
+            raise ValueError(
+                f"--stage3_source takes encoder and projector from {self.stage3_source}: drop {clashes}."
+            )
+        if not self.llm:
+            raise ValueError("--stage3_source needs --llm (the new LLM the encoder is transplanted to).")
 
 
 @dataclass
@@ -111,6 +147,12 @@ class PivotTrainingArguments(transformers.TrainingArguments):
     )
     mm_projector_lr: float | None = field(
         default=None, metadata={"help": "Projector LR (default: learning_rate)."}
+    )
+    export_encoder: bool = field(
+        default=True,
+        metadata={
+            "help": "Write vision_encoder/, projector/, export.json into each checkpoint and OUTPUT_DIR."
+        },
     )
 
     def __post_init__(self) -> None:

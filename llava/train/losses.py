@@ -102,9 +102,10 @@ def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
     """BCO (Jung et al. 2024, Eq. 9) on pairs: -log σ(r_w - δ) - log σ(-(r_l - δ)).
 
     δ is the mean reward of the batch (chosen and rejected, detached). BCO and TRL use a running mean
-    across steps; the in-batch mean keeps the loss a pure function of the batch, so resumed runs and
-    gradient-accumulation splits reproduce exactly. With the paper's global batch of 256 the two agree
-    closely.
+    across steps; the in-batch mean keeps the loss a pure function of the batch, so resumed runs
+    reproduce exactly. Under gradient accumulation δ is the mean of each micro-batch, so a step split
+    into micro-batches differs slightly from one large batch (unlike DPO/IPO/hinge/SFT). With the
+    paper's global batch of 256 the in-batch and running means agree closely.
     """
     chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
     rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)

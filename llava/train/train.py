@@ -151,9 +151,16 @@ def reference_logps(model, dataset, collator, train_args) -> dict | None:
             device = train_args.device
             model.to(device)
             logps = compute_reference_logps(
-                model, dataset, collator, train_args.per_device_eval_batch_size, device, train_args.share_image_encoding
+                model,
+                dataset,
+                collator,
+                train_args.per_device_eval_batch_size,
+                device,
+                train_args.share_image_encoding,
             )
-            save_reference_logps(path, logps, reference=str(getattr(model.config, "_name_or_path", "initial policy")))
+            save_reference_logps(
+                path, logps, reference=str(getattr(model.config, "_name_or_path", "initial policy"))
+            )
     return load_reference_logps(path, dataset.ids)
 
 
@@ -189,12 +196,15 @@ def run(
             logger.info("auto-resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(train_args.output_dir)
+    trainer.save_state()
     if trainer.is_world_process_zero():
         image_processor.save_pretrained(train_args.output_dir)
+        Path(train_args.output_dir, "training_args.json").write_text(train_args.to_json_string())
     if parts == ("mm_mlp_adapter",) and not train_args.export_encoder:
         state = cpu_state_dict(model.model.multi_modal_projector, train_args.should_save)
         if state is not None:
-            write_projector(state, os.path.join(train_args.output_dir, "projector"), model.config.projector_hidden_act)
+            projector_dir = os.path.join(train_args.output_dir, "projector")
+            write_projector(state, projector_dir, model.config.projector_hidden_act)
     return trainer
 
 

@@ -12,6 +12,11 @@ Normalisation across gradient accumulation and processes is done here (`loss_is_
 
 Logged every `logging_steps`: loss parts, rewards/{chosen,rejected,margins,accuracies},
 logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides of a pair).
+
+Resume: `save_pretrained` writes Llava checkpoints with the original (pre-4.52) key names, which
+`Trainer._load_from_checkpoint` loads with a raw non-strict `load_state_dict`, so no weight matched and
+a resumed run silently went on from the initial weights (transformers#43701). Checkpoint weights are
+read back through `from_pretrained`'s key mapping instead, strictly.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import time
 from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats
@@ -69,6 +74,16 @@ class PivotTrainer(Trainer):
         return MatchedSampler(
             len(dataset), self.args.data_seed if self.args.data_seed is not None else self.args.seed
         )
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        logger.info("loaded model weights from %s", resume_from_checkpoint)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Stage 3, step 2 (PIVOT evaluation, DESIGN §4): projector + LLM finetuning on Cambrian-737K, encoder and
+# reused projector layers still frozen (llava.model.stage3 re-freezes them on load), `qwen_1_5` template,
+# LR 1e-5, 1 epoch, global batch 256, cosine, warmup 0.03, ZeRO-2. Starts from the pivot_proj.sh checkpoint
+# CKPT_PATH. Every variable can be set from the environment; extra arguments go to `python -m llava.train.train`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
+SOURCE_RUN=${SOURCE_RUN:-qwen2.5-1.5b_siglip2-so16_dpo}
+REUSE_LAYERS=${REUSE_LAYERS:-1}
+RUN_BASE=${RUN_BASE:-${LLM_VERSION}_from_${SOURCE_RUN}_reuse${REUSE_LAYERS}}
+CKPT_PATH=${CKPT_PATH:-runs/pivot_proj/$RUN_BASE}
+DATA_PATH=${DATA_PATH:-data/cambrian/cambrian_737k.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/cambrian}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/pivot_full/$RUN_BASE}
+LR=${LR:-1e-5}
+EPOCHS=${EPOCHS:-1}
+SEED=${SEED:-42}
+SAVE_STEPS=${SAVE_STEPS:-500}
+WORKERS=${WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}
+DEEPSPEED=${DEEPSPEED:-scripts/zero2.json}
+
+source scripts/train/common.sh
+GA=$(pivot_grad_accum)
+if [ ! -d "$CKPT_PATH" ]; then
+  echo "pivot_full.sh: no pivot_proj.sh checkpoint at CKPT_PATH=$CKPT_PATH" >&2
+  exit 2
+fi
+echo "[pivot_full] $CKPT_PATH data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
+
+pivot_launch --model_name_or_path "$CKPT_PATH" \
+  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
+  --conv_template qwen_1_5 --loss_type sft --reference none --mm_tunable_parts mm_mlp_adapter,mm_language_model \
+  --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
+  --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GA" \
+  --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
+  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --logging_steps 1 \
+  --report_to "$REPORT_TO" --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"

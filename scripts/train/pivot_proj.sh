@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stage 3, step 1 (PIVOT evaluation, DESIGN §4, llava.model.stage3): the frozen encoder of a Stage-2 run
+# (checkpoint or exported encoder) under a new LLM; REUSE_LAYERS (0, 1, 2) frozen layers of the Stage-2
+# projector plus new trainable ones (paper default 1 + 1). Only the new projector layers train: LLaVA-Pretrain
+# 558K, `plain` template, LR 1e-3, 1 epoch, global batch 256, cosine, warmup 0.03, ZeRO-2. pivot_full.sh
+# continues from OUTPUT_DIR. Every variable can be set from the environment; extra arguments go to
+# `python -m llava.train.train`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
+SOURCE_RUN=${SOURCE_RUN:-qwen2.5-1.5b_siglip2-so16_dpo}
+STAGE2_SOURCE=${STAGE2_SOURCE:-runs/stage2/$SOURCE_RUN}
+REUSE_LAYERS=${REUSE_LAYERS:-1}
+RUN_BASE=${RUN_BASE:-${LLM_VERSION}_from_${SOURCE_RUN}_reuse${REUSE_LAYERS}}
+DATA_PATH=${DATA_PATH:-data/llava_pretrain/blip_laion_cc_sbu_558k.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/llava_pretrain/images}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/pivot_proj/$RUN_BASE}
+LR=${LR:-1e-3}
+EPOCHS=${EPOCHS:-1}
+SEED=${SEED:-42}
+SAVE_STEPS=${SAVE_STEPS:-500}
+WORKERS=${WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}
+DEEPSPEED=${DEEPSPEED:-scripts/zero2.json}
+
+source scripts/train/common.sh
+GA=$(pivot_grad_accum)
+echo "[pivot_proj] encoder of $STAGE2_SOURCE -> $LLM_VERSION (reuse $REUSE_LAYERS) data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
+
+pivot_launch --stage3_source "$STAGE2_SOURCE" --llm "$LLM_VERSION" --projector_reuse_layers "$REUSE_LAYERS" \
+  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
+  --conv_template plain --loss_type sft --reference none --mm_tunable_parts mm_mlp_adapter \
+  --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
+  --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GA" \
+  --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
+  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --logging_steps 1 \
+  --report_to "$REPORT_TO" --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"

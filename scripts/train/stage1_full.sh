@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Stage 1b, full training (DESIGN §4): LLaVA-OneVision single-image data (a YAML mixture), `qwen_1_5`
+# template, every part trains, LR 1e-5 with the vision tower at 2e-6, 1 epoch, global batch 256, cosine,
+# warmup 0.03, ZeRO-2. Starts from the Stage-1a checkpoint CKPT_PATH; with PRETRAIN_ADAPTER set it instead
+# builds LLM_VERSION + VISION_MODEL_VERSION and loads that projector (a Stage-1a OUTPUT_DIR/projector/).
+# Every variable can be set from the environment; extra arguments go to `python -m llava.train.train`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
+VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
+RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
+CKPT_PATH=${CKPT_PATH:-runs/stage1_proj/$RUN_BASE}
+PRETRAIN_ADAPTER=${PRETRAIN_ADAPTER:-}
+DATA_PATH=${DATA_PATH:-data/onevision/single_image.yaml}
+IMAGE_FOLDER=${IMAGE_FOLDER:-data/onevision}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/stage1_full/$RUN_BASE}
+LR=${LR:-1e-5}
+VISION_LR=${VISION_LR:-2e-6}
+EPOCHS=${EPOCHS:-1}
+SEED=${SEED:-42}
+SAVE_STEPS=${SAVE_STEPS:-500}
+WORKERS=${WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}
+DEEPSPEED=${DEEPSPEED:-scripts/zero2.json}
+
+source scripts/train/common.sh
+GA=$(pivot_grad_accum)
+if [ -n "$PRETRAIN_ADAPTER" ]; then
+  MODEL_ARGS=(--llm "$LLM_VERSION" --vision_tower "$VISION_MODEL_VERSION" --pretrain_mm_mlp_adapter "$PRETRAIN_ADAPTER")
+elif [ -d "$CKPT_PATH" ]; then
+  MODEL_ARGS=(--model_name_or_path "$CKPT_PATH")
+else
+  echo "stage1_full.sh: no Stage-1a checkpoint at CKPT_PATH=$CKPT_PATH (run stage1_proj.sh, or set PRETRAIN_ADAPTER)" >&2
+  exit 2
+fi
+echo "[stage1b] ${MODEL_ARGS[*]} data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
+
+pivot_launch "${MODEL_ARGS[@]}" \
+  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
+  --conv_template qwen_1_5 --loss_type sft --reference none \
+  --mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model --mm_vision_tower_lr "$VISION_LR" \
+  --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
+  --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GA" \
+  --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
+  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --logging_steps 1 \
+  --report_to "$REPORT_TO" --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
