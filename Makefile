@@ -3,14 +3,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt setup.py | md5sum | cut -c1-10)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt requirements-eval.txt setup.py | md5sum | cut -c1-10)
 
 .PHONY: install test lint demo clean
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-eval.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# lmms-eval pins torchvision, which would pull a CUDA torch: constrain to our pins, then drop torchvision.
+	$(PY) -m pip install -q -c requirements.txt -r requirements-eval.txt
+	$(PY) -m pip uninstall -y -q torchvision
 	$(PY) -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@

@@ -21,8 +21,12 @@ setup(
         # flash-attn needs CUDA to build; deepspeed installs and imports on CPU too.
         "gpu": ["deepspeed==0.19.8", "flash-attn"],
         # Install on CPU with a constraint pinning torch==2.13.0, then remove torchvision (see Makefile).
-        "eval": ["lmms-eval==0.7.3"],
+        "eval": _requirements("requirements-eval.txt"),
         "dev": _requirements("requirements-dev.txt"),
     },
-    entry_points={"console_scripts": ["pivot-export=llava.export:main"]},
+    entry_points={
+        "console_scripts": ["pivot-export=llava.export:main"],
+        # lmms-eval 0.7 finds models outside its package only through this group (`--model pivot`).
+        "lmms_eval.models": ["pivot = llava.eval:lmms_eval_manifest"],
+    },
 )

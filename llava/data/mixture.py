@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from llava.data.errors import DataFileError
+from llava.data.errors import DataFileError, RecordError
 from llava.data.records import RECORD_PARSERS, Record, parse_record
 
 logger = logging.getLogger(__name__)
@@ -165,15 +165,36 @@ def read_mixture(path: str) -> list[MixtureEntry]:
 
 
 def _parse_indices(
-    raw: list[Any], indices: list[int], source: str, kind: str, image_folder: str | None
+    raw: list[Any],
+    indices: list[int],
+    source: str,
+    kind: str,
+    image_folder: str | None,
+    errors: list[RecordError] | None,
 ) -> list[Record]:
-    return [parse_record(raw[index], source, index, kind, image_folder) for index in indices]
+    records = []
+    for index in indices:
+        try:
+            records.append(parse_record(raw[index], source, index, kind, image_folder))
+        except RecordError as error:
+            if errors is None:
+                raise
+            errors.append(error)
+    return records
 
 
-def load_records(data_path: str, image_folder: str | None, kind: str, seed: int = 0) -> list[Record]:
+def load_records(
+    data_path: str,
+    image_folder: str | None,
+    kind: str,
+    seed: int = 0,
+    errors: list[RecordError] | None = None,
+) -> list[Record]:
     """Load and validate records from a .json/.jsonl file or a YAML mixture (see module docstring).
 
-    `kind` is "conversation" or "preference"; `seed` drives `random:N` sampling.
+    `kind` is "conversation" or "preference"; `seed` drives `random:N` sampling. An invalid record
+    raises its `RecordError`, unless an `errors` list is given: then every invalid record's error is
+    appended to it and the valid records are returned (the caller decides what to do with them).
     """
     if kind not in RECORD_PARSERS:
         raise ValueError(f"unknown record kind {kind!r}; choose one of {sorted(RECORD_PARSERS)}")
@@ -186,7 +207,7 @@ def load_records(data_path: str, image_folder: str | None, kind: str, seed: int 
     for position, entry in enumerate(entries):
         raw = read_raw_records(entry.json_path)
         indices = entry.strategy.select(len(raw), random.Random(f"{seed}:{position}"), entry.json_path)
-        records += _parse_indices(raw, indices, entry.json_path, kind, image_folder)
+        records += _parse_indices(raw, indices, entry.json_path, kind, image_folder, errors)
         logger.info("%s: kept %d of %d records (%s)", entry.json_path, len(indices), len(raw), entry.strategy)
     duplicates = [record_id for record_id, n in Counter(r.id for r in records).items() if n > 1]
     if duplicates:

@@ -104,6 +104,23 @@ def _encode_segments(
     return input_ids, labels
 
 
+def tokenize_prompt(
+    human: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | str,
+    image_token_counts: Sequence[int],
+    *,
+    record_id: str = UNKNOWN,
+    source: str = UNKNOWN,
+) -> list[int]:
+    """Token ids of a generation prompt (one human turn, then the assistant header), as in training."""
+    template = _resolve(template)
+    _check_images([human], image_token_counts, source, record_id)
+    segments = template.prompt_segments(human, first=True)
+    ids, _ = _encode_segments(segments, tokenizer, image_token_id(tokenizer), iter(image_token_counts))
+    return ids
+
+
 def tokenize_conversation(
     turns: Sequence[tuple[str, str]],
     tokenizer: PreTrainedTokenizerBase,

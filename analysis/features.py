@@ -1,0 +1,668 @@
+"""Frozen-feature extraction from exported vision encoders (docs/CONTRACTS.md §1) or any HF vision model.
+
+Feature points (DESIGN §5): "encoder" = the visual tokens the MLLM's projector received,
+`hidden_states[feature_layer][:, num_prefix_tokens:]`; "projector" = those tokens through the Stage-2
+projector (`linear_2(gelu(linear_1(x)))`, the LLM's visual tokens). Poolings: "mean" over patch tokens,
+"cls" (token 0; encoder point of encoders with a CLS token only) and "tokens" (no pooling, stored as
+float16 for the segmentation probe). Per-layer features come from `layers` (hidden-state indices).
+
+For a plain HF vision-model directory without export.json, the last hidden state is used and the prefix
+tokens are taken from the config (`PREFIX_TOKENS_BY_MODEL_TYPE`). Images go through the directory's own
+image processor, always the PIL backend (torchvision is not part of the CPU install). Results are cached
+on disk under a key made of the encoder checksum, the dataset identity and the options, so a re-run loads
+the arrays (memory-mapped) without loading the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+FEATURE_POINTS = ("encoder", "projector")
+POOLINGS = ("mean", "cls", "tokens")
+DEFAULT_CACHE_DIR = Path(os.environ.get("PIVOT_FEATURE_CACHE", Path.home() / ".cache" / "pivot" / "features"))
+
+# Prefix tokens (CLS, registers, distillation) that precede the patch tokens, by HF model_type.
+PREFIX_TOKENS_BY_MODEL_TYPE: dict[str, Callable[[Any], int]] = {
+    "siglip_vision_model": lambda config: 0,
+    "siglip": lambda config: 0,
+    "clip_vision_model": lambda config: 1,
+    "clip": lambda config: 1,
+    "vit": lambda config: 1,
+    "vit_mae": lambda config: 1,
+    "dinov2": lambda config: 1,
+    "dinov2_with_registers": lambda config: 1 + int(config.num_register_tokens),
+    "deit": lambda config: 2,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` picks CUDA when available, else CPU; anything else is passed to torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of `obj`."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def directory_checksum(path: Path) -> str:
+    """sha256 over the relative paths and contents of every file below `path` (sorted)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{path}: no files to checksum")
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _array_digest(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array)
+    return hashlib.sha256(str((array.shape, array.dtype.str)).encode() + array.tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class ImageSource:
+    """Images (and optional integer labels) addressed by position, with a stable identity for the cache.
+
+    `square_crop` asks for the largest centred square crop, resized by the extractor to the encoder's input
+    size (the segmentation-probe preprocessing; masks get the same crop with nearest resizing).
+    """
+
+    name: str
+    key: str
+    load_item: Callable[[int], Image.Image]
+    indices: np.ndarray
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
+    square_crop: bool = False
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, position: int) -> Image.Image:
+        return self.load_item(int(self.indices[position]))
+
+    def identity(self) -> str:
+        return stable_hash([self.key, self.square_crop, _array_digest(self.indices)])
+
+    def subset(self, positions: np.ndarray) -> ImageSource:
+        positions = np.asarray(positions, dtype=np.int64)
+        labels = None if self.labels is None else self.labels[positions]
+        return replace(self, indices=self.indices[positions], labels=labels)
+
+    def with_square_crop(self) -> ImageSource:
+        return replace(self, square_crop=True)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:
+        raise OSError(f"{path}: cannot read image ({error})") from error
+
+
+def file_list_source(paths: Sequence[Path], name: str, labels: np.ndarray | None = None) -> ImageSource:
+    """Images from explicit files; the identity covers each file's path, size and modification time."""
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{name}: {len(missing)} image files missing, e.g. {missing[:5]}")
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return ImageSource(name, stable_hash(stats), lambda i: _open_rgb(paths[i]), np.arange(len(paths)), labels)
+
+
+def image_folder_source(root: str | Path) -> ImageSource:
+    """ImageFolder layout `root/<class>/<image>`; classes are the sorted sub-folder names."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder does not exist")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.is_file())
+        others = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if others or not files:
+            raise ValueError(
+                f"{class_dir}: want only image files {IMAGE_EXTENSIONS}; found {others[:5] or 'none'}"
+            )
+        paths += files
+        labels += [label] * len(files)
+    source = file_list_source(paths, name=str(root), labels=np.asarray(labels, dtype=np.int64))
+    return replace(source, class_names=[p.name for p in class_dirs])
+
+
+def hf_dataset_source(
+    path: str | Path,
+    split: str | None = None,
+    image_column: str = "image",
+    label_column: str | None = "label",
+) -> ImageSource:
+    """A `datasets.save_to_disk` directory (Dataset, or DatasetDict with `split`)."""
+    import datasets
+
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{path}: a DatasetDict with splits {list(data)}; pass one of them as split")
+        data = data[split]
+    if image_column not in data.column_names:
+        raise ValueError(f"{path}: no image column {image_column!r} (columns: {data.column_names})")
+    labels = class_names = None
+    if label_column in data.column_names:
+        labels = np.asarray(data[label_column], dtype=np.int64)
+        class_names = getattr(data.features[label_column], "names", None)
+
+    def load_item(index: int) -> Image.Image:
+        image = data[index][image_column]
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{path}: record {index} column {image_column!r} holds {type(image).__name__}")
+        return image.convert("RGB")
+
+    key = stable_hash([str(Path(path).resolve()), split, data._fingerprint])
+    return ImageSource(f"{path}:{split}", key, load_item, np.arange(len(data)), labels, class_names)
+
+
+def array_source(
+    images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | None = None, name: str = "arrays"
+) -> ImageSource:
+    """In-memory uint8 images, [H, W] (grayscale) or [H, W, 3] each; the identity is a hash of the pixels."""
+    arrays = [np.asarray(image) for image in images]
+    for index, array in enumerate(arrays):
+        if array.dtype != np.uint8 or array.ndim not in (2, 3) or array.shape[2:] not in ((), (3,)):
+            raise ValueError(
+                f"{name}: image {index} is {array.dtype} {array.shape}; want uint8 [H,W] or [H,W,3]"
+            )
+    label_array = None if labels is None else np.asarray(labels, dtype=np.int64)
+    if label_array is not None and len(label_array) != len(arrays):
+        raise ValueError(f"{name}: {len(arrays)} images but {len(label_array)} labels")
+    key = stable_hash([_array_digest(array) for array in arrays])
+
+    def load_item(index: int) -> Image.Image:
+        return Image.fromarray(arrays[index]).convert("RGB")
+
+    return ImageSource(name, key, load_item, np.arange(len(arrays)), label_array)
+
+
+def center_square_crop(image: Image.Image) -> Image.Image:
+    """Largest centred square crop (same box for an image and its mask of equal size)."""
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def image_source_from_args(path: str, data_format: str, split: str | None) -> ImageSource:
+    """CLI helper: an ImageFolder directory (`path/split` when a split is given) or a datasets directory."""
+    if data_format == "imagefolder":
+        return image_folder_source(Path(path) / split if split else path)
+    return hf_dataset_source(path, split)
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+@dataclass
+class EncoderSpec:
+    """What is known about an encoder directory without loading its weights."""
+
+    path: Path
+    model_dir: Path
+    projector_dir: Path | None
+    model_type: str
+    feature_layer: int
+    num_prefix_tokens: int
+    patch_size: int | None
+    run_labels: dict[str, Any] = field(default_factory=dict)
+    _checksums: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def has_cls(self) -> bool:
+        return self.num_prefix_tokens > 0
+
+    def checksum(self, part: str) -> str:
+        """Checksum of "encoder" (weights + feature layer + prefix) or "projector" (its directory)."""
+        if part not in self._checksums:
+            if part == "projector":
+                if self.projector_dir is None:
+                    raise ValueError(f"{self.path}: no projector/ directory")
+                self._checksums[part] = directory_checksum(self.projector_dir)
+            else:
+                weights = directory_checksum(self.model_dir)
+                self._checksums[part] = stable_hash([weights, self.feature_layer, self.num_prefix_tokens])
+        return self._checksums[part]
+
+
+def read_encoder_spec(path: str | Path) -> EncoderSpec:
+    """Read an exported encoder (export.json + vision_encoder/ + projector/) or a plain HF vision-model dir."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    export_file = path / "export.json"
+    if export_file.is_file():
+        export = json.loads(export_file.read_text())
+        missing = [k for k in ("format_version", "feature_layer", "num_prefix_tokens") if k not in export]
+        if missing or export["format_version"] != 1:
+            raise ValueError(
+                f"{export_file}: want format_version 1 with keys {missing} (docs/CONTRACTS.md §1)"
+            )
+        model_dir = path / "vision_encoder"
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: no config.json; not an exported encoder")
+        projector_dir = path / "projector" if (path / "projector" / "config.json").is_file() else None
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "unknown")
+        labels = {k: export[k] for k in ("loss_type", "vision_tower", "llm", "global_step") if k in export}
+        layer, prefix = int(export["feature_layer"]), int(export["num_prefix_tokens"])
+        return EncoderSpec(
+            path,
+            model_dir,
+            projector_dir,
+            model_type,
+            layer,
+            prefix,
+            export.get("patch_size"),
+            {"run": path.name, **labels},
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: neither export.json nor config.json; not an encoder directory")
+    config = AutoConfig.from_pretrained(path)
+    vision = getattr(config, "vision_config", None) or config
+    if vision.model_type not in PREFIX_TOKENS_BY_MODEL_TYPE:
+        raise ValueError(
+            f"{path}: model_type {vision.model_type!r} has no known prefix-token count; supported: "
+            f"{sorted(PREFIX_TOKENS_BY_MODEL_TYPE)} (or export it with export.json)"
+        )
+    prefix = PREFIX_TOKENS_BY_MODEL_TYPE[vision.model_type](vision)
+    return EncoderSpec(
+        path,
+        path,
+        None,
+        vision.model_type,
+        -1,
+        prefix,
+        getattr(vision, "patch_size", None),
+        {"run": path.name, "vision_tower": str(path)},
+    )
+
+
+class Projector(torch.nn.Module):
+    """The `mlp2x_gelu` projector of docs/CONTRACTS.md §1: linear_2(gelu(linear_1(x)))."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.linear_1 = torch.nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = torch.nn.GELU()
+        self.linear_2 = torch.nn.Linear(hidden_features, out_features, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def load_projector(projector_dir: Path) -> Projector:
+    from safetensors.torch import load_file
+
+    config = json.loads((projector_dir / "config.json").read_text())
+    if config.get("projector_type") != "mlp2x_gelu" or config.get("act", "gelu") != "gelu":
+        raise ValueError(
+            f"{projector_dir}/config.json: only projector_type mlp2x_gelu with act gelu is supported"
+        )
+    sizes = (config["in_features"], config["hidden_features"], config["out_features"])
+    projector = Projector(*sizes, bias=config.get("bias", True))
+    try:
+        projector.load_state_dict(load_file(projector_dir / "model.safetensors"), strict=True)
+    except (RuntimeError, FileNotFoundError) as error:
+        raise ValueError(
+            f"{projector_dir}/model.safetensors: does not match config.json ({error})"
+        ) from error
+    return projector.eval()
+
+
+def load_processor(spec: EncoderSpec) -> Any:
+    """The encoder directory's image processor, PIL backend (no torchvision needed)."""
+    from transformers import AutoImageProcessor
+
+    if not (spec.model_dir / "preprocessor_config.json").is_file():
+        raise FileNotFoundError(
+            f"{spec.model_dir}: no preprocessor_config.json (the encoder's image processor)"
+        )
+    return AutoImageProcessor.from_pretrained(spec.model_dir, backend="pil")
+
+
+def processed_size(processor: Any) -> tuple[int, int]:
+    """(height, width) of the pixel_values `processor` produces (probed on a non-square dummy image)."""
+    pixels = processor(images=[Image.new("RGB", (97, 89))], return_tensors="pt")["pixel_values"]
+    return int(pixels.shape[-2]), int(pixels.shape[-1])
+
+
+def patch_grid(spec: EncoderSpec, size: tuple[int, int]) -> tuple[int, int]:
+    """Patch rows and columns for an input of `size` pixels."""
+    if not spec.patch_size or size[0] % spec.patch_size or size[1] % spec.patch_size:
+        raise ValueError(
+            f"{spec.path}: input {size} is not a whole number of {spec.patch_size}-pixel patches"
+        )
+    return size[0] // spec.patch_size, size[1] // spec.patch_size
+
+
+@dataclass
+class LoadedEncoder:
+    spec: EncoderSpec
+    model: torch.nn.Module
+    processor: Any
+    projector: Projector | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.inference_mode()
+    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kwargs: dict[str, Any] = {}
+        if self.spec.model_type == "vit_mae":  # ordered noise + mask_ratio 0: no masking, no shuffling
+            num_patches = self.model.embeddings.patch_embeddings.num_patches
+            kwargs["noise"] = (
+                torch.arange(num_patches, device=self.device).expand(len(pixel_values), -1).float()
+            )
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        return self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs).hidden_states
+
+
+def load_encoder(
+    spec: EncoderSpec | str | Path,
+    device: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    with_projector: bool = False,
+) -> LoadedEncoder:
+    """Load the vision model (its vision part for CLIP/SigLIP dual encoders), processor and projector."""
+    from transformers import AutoConfig, AutoModel
+
+    spec = spec if isinstance(spec, EncoderSpec) else read_encoder_spec(spec)
+    if spec.model_type == "pivot_multi_tower":
+        import llava.model  # noqa: F401  (registers the ensemble class with the Auto classes)
+    if with_projector and spec.projector_dir is None:
+        raise ValueError(f"{spec.path}: projector features asked for but there is no projector/ directory")
+    model = AutoModel.from_pretrained(
+        spec.model_dir, **({"mask_ratio": 0.0} if spec.model_type == "vit_mae" else {})
+    )
+    if getattr(AutoConfig.from_pretrained(spec.model_dir), "vision_config", None) is not None:
+        model = model.vision_model
+    device_obj = resolve_device(device)
+    projector = load_projector(spec.projector_dir).to(device_obj, dtype) if with_projector else None
+    return LoadedEncoder(
+        spec, model.to(device_obj, dtype).eval(), load_processor(spec), projector, device_obj, dtype
+    )
+
+
+# -------------------------------------------------------------------------------------------- extraction
+@dataclass(frozen=True)
+class FeatureOptions:
+    """What to extract. `layers`: extra hidden-state indices for per-layer encoder features."""
+
+    feature_points: tuple[str, ...] = ("encoder",)
+    pooling: tuple[str, ...] = ("mean",)
+    layers: tuple[int, ...] = ()
+    batch_size: int = 64
+    num_workers: int = 0
+    dtype: str = "float32"
+    token_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.feature_points) - set(FEATURE_POINTS)) + sorted(
+            set(self.pooling) - set(POOLINGS)
+        )
+        if bad or not self.feature_points or not self.pooling:
+            raise ValueError(
+                f"FeatureOptions: feature_points ⊆ {FEATURE_POINTS}, pooling ⊆ {POOLINGS}; bad {bad}"
+            )
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("FeatureOptions: batch_size must be ≥ 1 and num_workers ≥ 0")
+        if self.dtype not in ("float32", "bfloat16", "float16") or self.token_dtype not in (
+            "float32",
+            "float16",
+        ):
+            raise ValueError(
+                "FeatureOptions: dtype ∈ {float32, bfloat16, float16}, token_dtype ∈ {float32, float16}"
+            )
+
+    def targets(self) -> list[tuple[str, str, int | None]]:
+        """(feature point, pooling, layer) of every array; cls pooling applies to the encoder point only."""
+        pairs = [
+            (p, pool)
+            for p in self.feature_points
+            for pool in self.pooling
+            if (p, pool) != ("projector", "cls")
+        ]
+        return [(p, pool, None) for p, pool in pairs] + [
+            ("encoder", q, n) for n in self.layers for q in self.pooling
+        ]
+
+    def names(self) -> list[str]:
+        return [feature_name(*target) for target in self.targets()]
+
+
+def feature_name(point: str, pooling: str, layer: int | None = None) -> str:
+    """Array name in a FeatureSet: "encoder.mean", "projector.tokens", "encoder.layer3.cls", ..."""
+    return f"{point}.{pooling}" if layer is None else f"{point}.layer{layer}.{pooling}"
+
+
+@dataclass
+class FeatureSet:
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    meta: dict[str, Any]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            raise KeyError(f"feature {name!r} not extracted; available: {sorted(self.arrays)}")
+        return self.arrays[name]
+
+
+class _PixelDataset(torch.utils.data.Dataset):
+    def __init__(self, source: ImageSource, processor: Any, size: tuple[int, int]) -> None:
+        self.source, self.processor, self.size = source, processor, size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        image = self.source.load(position).convert("RGB")
+        kwargs: dict[str, Any] = {}
+        if self.source.square_crop:  # crop + resize here, so pixels align with masks cropped the same way
+            resample = getattr(self.processor, "resample", Image.BICUBIC)
+            image = center_square_crop(image).resize((self.size[1], self.size[0]), resample)
+            kwargs = {"do_resize": False, "do_center_crop": False}
+        return self.processor(images=[image], return_tensors="pt", **kwargs)["pixel_values"][0]
+
+
+def _pool(tokens: torch.Tensor, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "mean":
+        return tokens.float().mean(dim=1)
+    return hidden[:, 0].float() if pooling == "cls" else tokens
+
+
+def cache_key(spec: EncoderSpec, source: ImageSource, options: FeatureOptions) -> str:
+    parts = {"encoder": spec.checksum("encoder"), "dataset": source.identity(), "version": CACHE_VERSION}
+    if "projector" in options.feature_points:
+        parts["projector"] = spec.checksum("projector")
+    parts["options"] = {k: v for k, v in asdict(options).items() if k not in ("batch_size", "num_workers")}
+    return stable_hash(parts)
+
+
+def extract_features(
+    encoder: EncoderSpec | LoadedEncoder | str | Path,
+    source: ImageSource,
+    options: FeatureOptions = FeatureOptions(),
+    cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    device: str = "auto",
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of every image in `source`; loaded from the cache when this exact extraction ran before."""
+    spec = encoder.spec if isinstance(encoder, LoadedEncoder) else encoder
+    spec = spec if isinstance(spec, EncoderSpec) else read_encoder_spec(spec)
+    if "cls" in options.pooling and not spec.has_cls:
+        raise ValueError(
+            f"{spec.path}: cls pooling asked for but {spec.model_type} has no CLS token; use mean"
+        )
+    wants_projector = "projector" in options.feature_points
+    loaded_without_projector = isinstance(encoder, LoadedEncoder) and encoder.projector is None
+    if wants_projector and (spec.projector_dir is None or loaded_without_projector):
+        raise ValueError(f"{spec.path}: projector feature point asked for but no projector is available")
+    if len(source) == 0:
+        raise ValueError(f"{source.name}: no images to extract features from")
+    cache_path = None
+    if cache_dir is not None:
+        key = cache_key(spec, source, options)
+        cache_path = Path(cache_dir) / key[:2] / key
+        if (cache_path / "meta.json").is_file():
+            logger.info("features for %s on %s: cache hit %s", spec.path, source.name, cache_path)
+            return _read_cache(cache_path)
+    if not isinstance(encoder, LoadedEncoder):
+        encoder = load_encoder(spec, device, getattr(torch, options.dtype), with_projector=wants_projector)
+    meta = {
+        "encoder": str(spec.path),
+        "dataset": source.name,
+        "n": len(source),
+        "options": asdict(options),
+        "run_labels": spec.run_labels,
+        "class_names": source.class_names,
+    }
+    if cache_path is None:
+        return FeatureSet(
+            _run_extraction(encoder, source, options, None, progress), source.labels, source.class_names, meta
+        )
+    staging = cache_path.with_name(f"{cache_path.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for array in _run_extraction(encoder, source, options, staging, progress).values():
+            array.flush()
+        if source.labels is not None:
+            np.save(staging / "labels.npy", source.labels)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+        if cache_path.exists():  # another process finished first: keep its copy
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, cache_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("features cached at %s", cache_path)
+    return _read_cache(cache_path)
+
+
+@torch.inference_mode()
+def _run_extraction(
+    encoder: LoadedEncoder, source: ImageSource, options: FeatureOptions, staging: Path | None, progress: bool
+) -> dict[str, np.ndarray]:
+    """Arrays in memory, or memory-mapped .npy files under `staging` (tokens of big datasets exceed RAM)."""
+    spec, prefix = encoder.spec, encoder.spec.num_prefix_tokens
+    size = processed_size(encoder.processor)
+    dataset = _PixelDataset(source, encoder.processor, size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=options.batch_size, num_workers=options.num_workers
+    )
+    arrays: dict[str, np.ndarray] = {}
+    start = 0
+    for pixel_values in tqdm(loader, desc=f"features {spec.path.name}", disable=not progress):
+        hidden_states = encoder.hidden_states(pixel_values)
+        hidden = hidden_states[spec.feature_layer]
+        tokens = hidden[:, prefix:]
+        if start == 0 and spec.patch_size and tokens.shape[1] != np.prod(patch_grid(spec, size)):
+            raise ValueError(
+                f"{spec.path}: {tokens.shape[1]} tokens after dropping {prefix} prefix tokens, but "
+                f"{size} pixels make {np.prod(patch_grid(spec, size))} patches; check num_prefix_tokens"
+            )
+        projected = encoder.projector(tokens) if "projector" in options.feature_points else None
+        for point, pooling, layer in options.targets():
+            layer_hidden = hidden if layer is None else hidden_states[layer]
+            values = _pool(
+                projected if point == "projector" else layer_hidden[:, prefix:], layer_hidden, pooling
+            )
+            name = feature_name(point, pooling, layer)
+            if name not in arrays:
+                dtype = np.dtype(options.token_dtype if pooling == "tokens" else "float32")
+                shape = (len(source), *values.shape[1:])
+                arrays[name] = (
+                    np.empty(shape, dtype)
+                    if staging is None
+                    else np.lib.format.open_memmap(staging / f"{name}.npy", "w+", dtype, shape)
+                )
+            arrays[name][start : start + len(values)] = values.float().cpu().numpy()
+        start += len(pixel_values)
+    return arrays
+
+
+def _read_cache(cache_path: Path) -> FeatureSet:
+    meta = json.loads((cache_path / "meta.json").read_text())
+    arrays = {
+        p.stem: np.load(p, mmap_mode="r") for p in sorted(cache_path.glob("*.npy")) if p.stem != "labels"
+    }
+    labels = np.load(cache_path / "labels.npy") if (cache_path / "labels.npy").is_file() else None
+    return FeatureSet(arrays, labels, meta.get("class_names"), meta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", required=True, help="exported encoder dir or HF vision-model dir")
+    parser.add_argument("--data", required=True, help="ImageFolder root or `datasets.save_to_disk` directory")
+    parser.add_argument(
+        "--data-format", choices=["imagefolder", "hf"], default="imagefolder", help="--data layout"
+    )
+    parser.add_argument(
+        "--split", default=None, help="split sub-folder (imagefolder) or DatasetDict split (hf)"
+    )
+    parser.add_argument(
+        "--feature-points", nargs="+", default=["encoder"], choices=FEATURE_POINTS, help="where"
+    )
+    parser.add_argument("--pooling", nargs="+", default=["mean"], choices=POOLINGS, help="token pooling(s)")
+    parser.add_argument("--layers", nargs="*", type=int, default=[], help="extra hidden-state indices")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument(
+        "--dtype", default="float32", help="encoder compute dtype (float32, bfloat16, float16)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
+    parser.add_argument(
+        "--cache-dir", default=str(DEFAULT_CACHE_DIR), help="cache root (env PIVOT_FEATURE_CACHE)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = FeatureOptions(
+        tuple(args.feature_points),
+        tuple(args.pooling),
+        tuple(args.layers),
+        args.batch_size,
+        args.num_workers,
+        args.dtype,
+    )
+    source = image_source_from_args(args.data, args.data_format, args.split)
+    features = extract_features(args.encoder, source, options, args.cache_dir, args.device)
+    for name, array in features.arrays.items():
+        print(f"{name}\t{tuple(array.shape)}\t{array.dtype}")
+
+
+if __name__ == "__main__":
+    main()

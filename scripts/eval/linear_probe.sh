@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Linear probe (openai/CLIP protocol; DESIGN §5) of a list of exported encoders -> one results table:
+# L2 logistic regression with C swept on a validation split of a seeded 50K ImageNet-train subset, refit,
+# top-1/top-5 on ImageNet val, plus the prototype classifier; feature points "encoder" and "projector".
+# Writes $OUTPUT_DIR/linear_probe.json (docs/CONTRACTS.md §4, kind linear_probe) and linear_probe.md.
+#
+#   scripts/eval/linear_probe.sh [NAME=]EXPORT_DIR ... [--extra --flags for python -m analysis.linear_probe]
+#
+# Without encoder arguments the matched SFT and DPO runs of $RUN_BASE are probed. Every variable below
+# can be set from the environment (e.g. METHODS="logreg torch_lbfgs prototype", DATA_FORMAT=hf).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PYTHON=${PYTHON:-python}
+LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
+VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
+RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
+ENCODERS=${ENCODERS:-"sft=runs/stage2/${RUN_BASE}_sft/export dpo=runs/stage2/${RUN_BASE}_dpo/export"}
+# ImageFolder roots (<root>/<class>/<image>) or datasets.save_to_disk dirs with DATA_FORMAT=hf.
+TRAIN_DATA=${TRAIN_DATA:-data/imagenet/train}
+EVAL_DATA=${EVAL_DATA:-data/imagenet/val}
+DATA_FORMAT=${DATA_FORMAT:-imagefolder}
+TRAIN_SUBSET=${TRAIN_SUBSET:-50000}
+FEATURE_POINTS=${FEATURE_POINTS:-"encoder projector"}
+METHODS=${METHODS:-"logreg prototype"}
+SEED=${SEED:-0}
+BATCH_SIZE=${BATCH_SIZE:-64}
+NUM_WORKERS=${NUM_WORKERS:-8}
+DEVICE=${DEVICE:-auto}
+CACHE_DIR=${CACHE_DIR:-${PIVOT_FEATURE_CACHE:-$HOME/.cache/pivot/features}}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/linear_probe/${RUN_BASE}}
+
+encoder_args=()
+while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do encoder_args+=("$1"); shift; done
+if [ ${#encoder_args[@]} -eq 0 ]; then read -r -a encoder_args <<< "$ENCODERS"; fi
+names=(); paths=()
+for item in "${encoder_args[@]}"; do
+  if [ "${item#*=}" != "$item" ]; then names+=("${item%%=*}"); paths+=("${item#*=}");
+  else names+=("$(basename "$item")"); paths+=("$item"); fi
+done
+
+mkdir -p "$OUTPUT_DIR"
+# shellcheck disable=SC2086  # word splitting of the space-separated lists is intended
+"$PYTHON" -m analysis.linear_probe --encoders "${paths[@]}" --run-names "${names[@]}" \
+  --train-data "$TRAIN_DATA" --eval-data "$EVAL_DATA" --data-format "$DATA_FORMAT" \
+  --train-subset "$TRAIN_SUBSET" --feature-points $FEATURE_POINTS --methods $METHODS --seed "$SEED" \
+  --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS" --device "$DEVICE" --cache-dir "$CACHE_DIR" \
+  --out "$OUTPUT_DIR/linear_probe.json" --table "$OUTPUT_DIR/linear_probe.md" "$@"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Segmentation probe (patch-seg protocol on ADE20K; DESIGN §5) of a list of exported encoders -> one table:
+# union patch labels over 151 classes, 2-layer MLP head on frozen cached patch tokens, BCE, AdamW 1e-3,
+# batch 32, 5 epochs, 6 seeds; macro patch recall (mean ± std) plus micro accuracy, precision, F1.
+# Writes $OUTPUT_DIR/seg_probe.json (docs/CONTRACTS.md §4, kind seg_probe), seg_probe.md and png/<run>/*.png.
+#
+#   scripts/eval/seg_probe.sh [NAME=]EXPORT_DIR ... [--extra --flags for python -m analysis.seg_probe]
+#
+# Without encoder arguments the matched SFT and DPO runs of $RUN_BASE are probed. DATA is an ADE20K-layout
+# root (images/{training,validation}, annotations/{training,validation}), e.g. ADEChallengeData2016 or the
+# synthetic world's <world>/ade. Every variable below can be set from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PYTHON=${PYTHON:-python}
+LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
+VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
+RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
+ENCODERS=${ENCODERS:-"sft=runs/stage2/${RUN_BASE}_sft/export dpo=runs/stage2/${RUN_BASE}_dpo/export"}
+DATA=${DATA:-data/ADEChallengeData2016}
+SEEDS=${SEEDS:-6}
+FEATURE_POINT=${FEATURE_POINT:-encoder}
+NUM_CLASSES=${NUM_CLASSES:-151}
+EPOCHS=${EPOCHS:-5}
+BATCH_SIZE=${BATCH_SIZE:-32}
+FEATURE_BATCH_SIZE=${FEATURE_BATCH_SIZE:-64}
+N_QUALITATIVE=${N_QUALITATIVE:-8}
+DEVICE=${DEVICE:-auto}
+CACHE_DIR=${CACHE_DIR:-${PIVOT_FEATURE_CACHE:-$HOME/.cache/pivot/features}}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/seg_probe/${RUN_BASE}}
+
+encoder_args=()
+while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do encoder_args+=("$1"); shift; done
+if [ ${#encoder_args[@]} -eq 0 ]; then read -r -a encoder_args <<< "$ENCODERS"; fi
+names=(); paths=()
+for item in "${encoder_args[@]}"; do
+  if [ "${item#*=}" != "$item" ]; then names+=("${item%%=*}"); paths+=("${item#*=}");
+  else names+=("$(basename "$item")"); paths+=("$item"); fi
+done
+
+mkdir -p "$OUTPUT_DIR"
+"$PYTHON" -m analysis.seg_probe --encoders "${paths[@]}" --run-names "${names[@]}" --data "$DATA" \
+  --seeds "$SEEDS" --feature-point "$FEATURE_POINT" --num-classes "$NUM_CLASSES" --epochs "$EPOCHS" \
+  --batch-size "$BATCH_SIZE" --feature-batch-size "$FEATURE_BATCH_SIZE" --n-qualitative "$N_QUALITATIVE" \
+  --device "$DEVICE" --cache-dir "$CACHE_DIR" --png-dir "$OUTPUT_DIR/png" \
+  --out "$OUTPUT_DIR/seg_probe.json" --table "$OUTPUT_DIR/seg_probe.md" "$@"
