@@ -114,14 +114,18 @@ def write_tiny_presets(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="directory to write the tiny presets into")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     parser.add_argument("--image_size", type=int, default=32, help="tower input resolution (patch size 8)")
     parser.add_argument("--towers", nargs="*", default=None, help="subset of towers to write (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = write_tiny_presets(args.out_dir, args.seed, args.image_size, tuple(args.towers) if args.towers else None)
+    paths = write_tiny_presets(
+        args.out_dir, args.seed, args.image_size, tuple(args.towers) if args.towers else None
+    )
     for name, path in paths.items():
         logger.info("%-10s %s", name, path)
 
