@@ -412,7 +412,8 @@ def test_single_step_results_load_in_the_report(square_checkpoint, world, tmp_pa
     )
     grouped, _ = collect_results(out)
     samples = load_gradcam_samples(grouped["gradcam"])
-    assert [s.id for s in samples] == [first] and set(samples[0].maps) == {"sft", "dpo"}
+    run = grouped["gradcam"][0].rows[0]["run"]  # the run label, a top-level default of the rows
+    assert [s.id for s in samples] == [f"{run}: {first}"] and set(samples[0].maps) == {"sft", "dpo"}
     assert samples[0].image is not None
     with pytest.raises(ValueError, match="no records with ids"):
         gc.run_gradcam(str(square_checkpoint), str(dpo_json), out, gc.GradcamConfig(steps=(0,)), ids=["nope"])

@@ -3,8 +3,9 @@
 DPO needs log πref(y|x) for the chosen and rejected response of every pair. Instead of keeping a
 frozen copy of the model in memory for the whole run, the trainer can score every pair once before
 training (the policy at step 0 *is* the reference), with images, and read the numbers back by
-sample id. The cache is a JSON file `{"reference": ..., "logps": {id: [chosen, rejected]}}`; a
-cache that lacks any id of the dataset is an error, not a silent recompute.
+sample id. The cache is a JSON file `{"reference": ..., "logps": {id: [chosen, rejected]}}` where
+`reference` fingerprints what produced the numbers (starting model, data, template, length limit);
+a cache made for something else, or lacking any id of the dataset, is an error, not a silent reuse.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def compute_reference_logps(
     return logps
 
 
-def save_reference_logps(path: str | Path, logps: dict[str, tuple[float, float]], reference: str) -> None:
+def save_reference_logps(
+    path: str | Path, logps: dict[str, tuple[float, float]], reference: str | dict
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -58,9 +61,16 @@ def save_reference_logps(path: str | Path, logps: dict[str, tuple[float, float]]
     path.write_text(json.dumps(payload))
 
 
-def load_reference_logps(path: str | Path, required_ids: list[str]) -> dict[str, tuple[float, float]]:
-    """Read a cache and check it covers every id the run will train on."""
+def load_reference_logps(
+    path: str | Path, required_ids: list[str], reference: str | dict | None = None
+) -> dict[str, tuple[float, float]]:
+    """Read a cache; check it was made for `reference` (when given) and covers every id of the run."""
     payload = json.loads(Path(path).read_text())
+    if reference is not None and payload.get("reference") != reference:
+        raise ValueError(
+            f"reference log-prob cache {path} was made for {payload.get('reference')!r}, not for this run "
+            f"({reference!r}); delete it to recompute, or point --ref_logps_path elsewhere."
+        )
     logps = {k: (float(v[0]), float(v[1])) for k, v in payload["logps"].items()}
     missing = [i for i in required_ids if i not in logps]
     if missing:

@@ -103,7 +103,10 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
         raise ValueError(
             f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
         )
-    records = load_records(data_args.data_path, data_args.image_folder, kind, seed=train_args.seed)
+    parse_errors: list[RecordError] = []
+    records = load_records(
+        data_args.data_path, data_args.image_folder, kind, seed=train_args.seed, errors=parse_errors
+    )
     dataset = MultimodalDataset(
         records,
         tokenizer,
@@ -112,7 +115,7 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
         image_token_counter(config),
         data_args.model_max_length,
     )
-    errors = dataset.validate()
+    errors = parse_errors + dataset.validate()
     if errors:
         handle_invalid(dataset, errors, data_args.skip_invalid, train_args.output_dir)
     duplicates = [i for i, n in Counter(dataset.ids).items() if n > 1]
@@ -141,7 +144,19 @@ def handle_invalid(
     logger.warning("skipping %s; %d records remain (listed in %s)", summary, len(dataset), SKIPPED_FILE)
 
 
-def reference_logps(model, dataset, collator, train_args) -> dict | None:
+def reference_fingerprint(model_args: ModelArguments, data_args: DataArguments, train_args) -> dict:
+    """What the precomputed reference log-probs depend on (checked when a cache is reused)."""
+    return {
+        "model": model_args.model_name_or_path or f"{model_args.llm} + {model_args.vision_tower}",
+        "data_path": os.path.abspath(data_args.data_path),
+        "image_folder": os.path.abspath(data_args.image_folder) if data_args.image_folder else None,
+        "conv_template": data_args.conv_template,
+        "model_max_length": data_args.model_max_length,
+        "seed": train_args.seed,
+    }
+
+
+def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> dict | None:
     if train_args.loss_type not in PREFERENCE_LOSSES or train_args.reference != "precomputed":
         return None
     path = train_args.ref_logps_path or os.path.join(train_args.output_dir, "ref_logps.json")
@@ -158,10 +173,25 @@ def reference_logps(model, dataset, collator, train_args) -> dict | None:
                 device,
                 train_args.share_image_encoding,
             )
-            save_reference_logps(
-                path, logps, reference=str(getattr(model.config, "_name_or_path", "initial policy"))
-            )
-    return load_reference_logps(path, dataset.ids)
+            save_reference_logps(path, logps, reference=fingerprint)
+    return load_reference_logps(path, dataset.ids, reference=fingerprint)
+
+
+def resume_checkpoint(train_args) -> str | None:
+    """--resume_from_checkpoint, else the newest checkpoint in OUTPUT_DIR if it was made by the same loss."""
+    if train_args.resume_from_checkpoint is not None or not os.path.isdir(train_args.output_dir):
+        return train_args.resume_from_checkpoint
+    last = get_last_checkpoint(train_args.output_dir)
+    if last is None:
+        return None
+    saved_loss = json.loads(Path(last, "config.json").read_text()).get("pivot_loss_type")
+    if saved_loss not in (None, train_args.loss_type):
+        raise ValueError(
+            f"{train_args.output_dir} holds checkpoints of a --loss_type {saved_loss} run ({last}); this run is "
+            f"--loss_type {train_args.loss_type}. Use another --output_dir, or resume explicitly."
+        )
+    logger.info("auto-resuming from %s", last)
+    return last
 
 
 def run(
@@ -178,7 +208,9 @@ def run(
     model.config.pivot_loss_type = train_args.loss_type
     dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
     collator = DataCollator(tokenizer.pad_token_id)
-    ref = reference_logps(model, dataset, collator, train_args)
+    ref = reference_logps(
+        model, dataset, collator, train_args, reference_fingerprint(model_args, data_args, train_args)
+    )
     trainer = PivotTrainer(
         model=model,
         args=train_args,
@@ -189,12 +221,7 @@ def run(
     )
     if train_args.export_encoder:
         trainer.add_callback(EncoderExportCallback(image_processor, train_args.loss_type))
-    resume = train_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(train_args.output_dir):
-        resume = get_last_checkpoint(train_args.output_dir)
-        if resume:
-            logger.info("auto-resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(train_args))
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():

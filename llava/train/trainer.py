@@ -15,19 +15,26 @@ logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides 
 
 Resume: `save_pretrained` writes Llava checkpoints with the original (pre-4.52) key names, which
 `Trainer._load_from_checkpoint` loads with a raw non-strict `load_state_dict`, so no weight matched and
-a resumed run silently went on from the initial weights (transformers#43701). Checkpoint weights are
-read back through `from_pretrained`'s key mapping instead, strictly.
+a resumed run silently went on from the initial weights (transformers#43701). Checkpoint keys are
+renamed with the model's own loading conversions (those `from_pretrained` applies) and loaded
+strictly (only tied weights may be absent); this also covers Stage-3 projectors of other shapes.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats
@@ -78,12 +85,22 @@ class PivotTrainer(Trainer):
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
-        if self.is_fsdp_enabled or not isinstance(model, PreTrainedModel):
+        files = _safetensors_files(Path(resume_from_checkpoint))
+        if self.is_fsdp_enabled or not files or not isinstance(model, PreTrainedModel):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
-        logger.info("loaded model weights from %s", resume_from_checkpoint)
+        state = _renamed_checkpoint_state(model, files)
+        result = model.load_state_dict(state, strict=False)
+        required = {}  # one name per tensor: a tied weight (lm_head = embed_tokens) is saved once
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            required.setdefault(id(tensor), name)
+        missing = sorted(set(result.missing_keys) & set(required.values()))
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        logger.info("loaded %d model tensors from %s", len(state), resume_from_checkpoint)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -118,9 +135,9 @@ class PivotTrainer(Trainer):
             stats = PairStats(policy, None, None, None, counts, None)
         per_sample, parts = LOSSES[loss_type](stats, self.loss_config)
         if loss_type == "sft":
-            loss = self._token_normalised(
-                -stats.policy_chosen.sum(), stats.chosen_tokens.sum(), num_items_in_batch
-            )
+            nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
+            loss = self._token_normalised(nll_sum, tokens_sum, num_items_in_batch)
+            parts = {"sft": nll_sum / tokens_sum.clamp(min=1)}  # log the token-weighted NLL optimised here
         else:
             loss = self.args.dpo_alpha * per_sample.mean()
             if self.args.gamma:
@@ -190,6 +207,32 @@ class PivotTrainer(Trainer):
 
             ids = gather_object(ids)
         return ids
+
+
+def _safetensors_files(checkpoint: Path) -> list[Path]:
+    if (checkpoint / SAFE_WEIGHTS_NAME).is_file():
+        return [checkpoint / SAFE_WEIGHTS_NAME]
+    index = checkpoint / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        return [
+            checkpoint / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    return []
+
+
+def _renamed_checkpoint_state(model: PreTrainedModel, files: list[Path]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors under the model's own parameter names (the renamings `from_pretrained` applies)."""
+    conversions = get_model_conversion_mapping(model)
+    if any(not isinstance(c, WeightRenaming) for c in conversions):
+        raise NotImplementedError(
+            f"{type(model).__name__}: resume handles key renamings only, not weight converters."
+        )
+    state = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                state[rename_source_key(key, conversions, [])[0]] = handle.get_tensor(key)
+    return state
 
 
 class _StepEndCallback(TrainerCallback):
