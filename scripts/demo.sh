@@ -16,16 +16,17 @@ PYTHON=${PYTHON:-python}
 case "$DEMO_SCALE" in
   smoke)  NUM_TRAIN=48;  NUM_VAL=24;  IMAGE_SIZE=32; MMPR_SIZE=32;  GLOBAL_BATCH=8;  EPOCHS_S1=1; EPOCHS_S2=1
           SEG_SEEDS=2; ALIGN_SAMPLES=24;  ALIGN_SEEDS="0 1";   GRADCAM_SAMPLES=2; GRADCAM_STEPS="0 2" ;;
-  small)  NUM_TRAIN=320; NUM_VAL=96;  IMAGE_SIZE=64; MMPR_SIZE=256; GLOBAL_BATCH=16; EPOCHS_S1=1; EPOCHS_S2=3
+  small)  NUM_TRAIN=320; NUM_VAL=96;  IMAGE_SIZE=64; MMPR_SIZE=256; GLOBAL_BATCH=16; EPOCHS_S1=2; EPOCHS_S2=3
           SEG_SEEDS=6; ALIGN_SAMPLES=96;  ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=6; GRADCAM_STEPS="0 5 20" ;;
   medium) NUM_TRAIN=1600; NUM_VAL=320; IMAGE_SIZE=64; MMPR_SIZE=1024; GLOBAL_BATCH=32; EPOCHS_S1=2; EPOCHS_S2=3
           SEG_SEEDS=6; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
   *) echo "DEMO_SCALE=$DEMO_SCALE: choose smoke, small or medium" >&2; exit 2 ;;
 esac
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
-# Learning rates are scaled up for tiny random models; SFT:DPO keeps the paper's 5:1 ratio (5e-6 : 1e-6).
-LR_S1A=${LR_S1A:-1e-3}; LR_S1B=${LR_S1B:-2e-4}; VISION_LR_S1B=${VISION_LR_S1B:-4e-5}
-LR_SFT=${LR_SFT:-1e-4}; LR_DPO=${LR_DPO:-2e-5}; BETA=${BETA:-0.1}
+# Learning rates are scaled up for tiny random models (the paper's would barely move them); Stage 1b keeps
+# the paper's 5:1 LLM:tower ratio and Stage 2 its 5:1 SFT:DPO ratio (5e-6 : 1e-6).
+LR_S1A=${LR_S1A:-1e-3}; LR_S1B=${LR_S1B:-1e-3}; VISION_LR_S1B=${VISION_LR_S1B:-2e-4}
+LR_SFT=${LR_SFT:-5e-4}; LR_DPO=${LR_DPO:-1e-4}; BETA=${BETA:-0.1}
 
 TINY=$DEMO_DIR/tiny; WORLD=$DEMO_DIR/world; DATA=$DEMO_DIR/data; RESULTS=$DEMO_DIR/results
 export PYTHON LLM_VERSION=$TINY/llm VISION_MODEL_VERSION=$TINY/siglip IMAGE_FOLDER=$WORLD
@@ -79,6 +80,7 @@ stage alignment         "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.j
 stage gradcam           "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
                           --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
                           --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo \
+                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" --beta "$BETA" \
                           --out_dir "$RESULTS/gradcam"
 stage report            "$PYTHON" -m analysis.report "$RESULTS" "$DEMO_DIR/report" --title "pivot miniature run ($DEMO_SCALE)" \
                           --caveat "A miniature run of tiny random-initialised models on a synthetic world ($DEMO_SCALE scale, seed $SEED), made to show the whole pipeline working on CPU. It is not the paper's result; SFT and DPO are shown side by side with seeds, whatever they turn out to be."

@@ -16,31 +16,26 @@ logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides 
 Resume: `save_pretrained` writes Llava checkpoints with the original (pre-4.52) key names, which
 `Trainer._load_from_checkpoint` loads with a raw non-strict `load_state_dict`, so no weight matched and
 a resumed run silently went on from the initial weights (transformers#43701). Checkpoint keys are
-renamed with the model's own loading conversions (those `from_pretrained` applies) and loaded
-strictly (only tied weights may be absent); this also covers Stage-3 projectors of other shapes.
+renamed with the model's own loading conversions (patches.checkpoint_keys) and loaded strictly (only
+tied weights may be absent); this also covers Stage-3 projectors of other shapes.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import WeightRenaming, rename_source_key
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats
 from llava.train.param_groups import build_param_groups, check_deepspeed_config, describe_groups
 from llava.train.reference import lookup
 from llava.train.sampling import MatchedSampler, SampleOrderLog
+from patches.checkpoint_keys import checkpoint_state_for, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +80,11 @@ class PivotTrainer(Trainer):
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
-        files = _safetensors_files(Path(resume_from_checkpoint))
+        files = safetensors_files(resume_from_checkpoint)
         if self.is_fsdp_enabled or not files or not isinstance(model, PreTrainedModel):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        state = _renamed_checkpoint_state(model, files)
+        state = checkpoint_state_for(model, files)
         result = model.load_state_dict(state, strict=False)
         required = {}  # one name per tensor: a tied weight (lm_head = embed_tokens) is saved once
         for name, tensor in model.state_dict(keep_vars=True).items():
@@ -207,32 +202,6 @@ class PivotTrainer(Trainer):
 
             ids = gather_object(ids)
         return ids
-
-
-def _safetensors_files(checkpoint: Path) -> list[Path]:
-    if (checkpoint / SAFE_WEIGHTS_NAME).is_file():
-        return [checkpoint / SAFE_WEIGHTS_NAME]
-    index = checkpoint / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        return [
-            checkpoint / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        ]
-    return []
-
-
-def _renamed_checkpoint_state(model: PreTrainedModel, files: list[Path]) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors under the model's own parameter names (the renamings `from_pretrained` applies)."""
-    conversions = get_model_conversion_mapping(model)
-    if any(not isinstance(c, WeightRenaming) for c in conversions):
-        raise NotImplementedError(
-            f"{type(model).__name__}: resume handles key renamings only, not weight converters."
-        )
-    state = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
-                state[rename_source_key(key, conversions, [])[0]] = handle.get_tensor(key)
-    return state
 
 
 class _StepEndCallback(TrainerCallback):
