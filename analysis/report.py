@@ -286,12 +286,6 @@ def draw_figures(grouped: dict[str, list[ResultsFile]], figure_dir: Path) -> lis
     return outcomes
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
-
-
 def _md_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -343,11 +337,10 @@ def kind_table(kind: str, files: Sequence[ResultsFile]) -> str:
         )
     if kind == "alignment":
         return _grouped_table(rows, ["vision", "language", "metric", "k"], ["score"], 1.0)
-    body = [
-        [str(r.get("id")), str(r.get("loss_type")), *(_fmt(r.get(k)) for k in ("mass_in_box", "entropy"))]
-        for r in rows
-    ]
-    return _md_table(["id", "loss_type", "mass_in_box", "entropy"], body)
+    keys = [k for k in ("run", "step", "loss_type") if any(r.get(k) is not None for r in rows)]
+    return "Mean ± std over samples; n = samples.\n\n" + _grouped_table(
+        rows, keys, ["mass_in_box", "entropy"], 1.0
+    )
 
 
 def _shown_path(path: Path, results_dir: Path, out_dir: Path) -> str:

@@ -71,7 +71,7 @@ def test_caveat_is_prominent_and_tables_are_embedded(full_report):
     assert "| sft-base-1.5b | sft | siglip2-base | qwen2.5-1.5b | 20000 | 50.0 |" in text
     # seg probe: mean ± std over the two seeds, as percentages (hand: recalls 0.40 and 0.42)
     assert "| sft-b16 | sft | siglip2-base | 2 | 41.00 ± 1.41 |" in text
-    assert "| sample-1 | dpo | 0.52 | 3.60 |" in text
+    assert "| dpo | 2 | 0.4950 ± 0.0354 | 3.7500 ± 0.2121 |" in text  # mean ± std (ddof 1) over the 2 samples
 
 
 def test_sweeps_hold_the_other_labels_fixed(full_report):
