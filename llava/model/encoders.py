@@ -57,7 +57,6 @@ class EncoderFamily:
     name: str
     model_types: tuple[str, ...]  # HF `model_type` values that belong to this family
     model_class: str  # transformers class that loads the vision tower
-    config_class: str  # its vision config class
     image_size: int  # default input resolution (square)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -101,7 +100,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="siglip",
         model_types=("siglip", "siglip_vision_model"),
         model_class="SiglipVisionModel",
-        config_class="SiglipVisionConfig",
         image_size=384,
         mean=HALF,
         std=HALF,
@@ -116,7 +114,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="clip",
         model_types=("clip", "clip_vision_model"),
         model_class="CLIPVisionModel",
-        config_class="CLIPVisionConfig",
         image_size=336,
         mean=OPENAI_CLIP_MEAN,
         std=OPENAI_CLIP_STD,
@@ -131,7 +128,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="dinov2",
         model_types=("dinov2",),
         model_class="Dinov2Model",
-        config_class="Dinov2Config",
         image_size=224,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
@@ -146,7 +142,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="dinov2_reg",
         model_types=("dinov2_with_registers",),
         model_class="Dinov2WithRegistersModel",
-        config_class="Dinov2WithRegistersConfig",
         image_size=224,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
@@ -161,7 +156,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="mae",
         model_types=("vit_mae",),
         model_class="ViTModel",  # loaded unshuffled as a plain ViT (identical state-dict keys)
-        config_class="ViTConfig",
         image_size=224,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
@@ -179,7 +173,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="vit",
         model_types=("vit",),
         model_class="ViTModel",
-        config_class="ViTConfig",
         image_size=224,
         mean=HALF,
         std=HALF,
@@ -194,7 +187,6 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
         name="convnext",
         model_types=("convnext",),
         model_class="ConvNextModel",
-        config_class="ConvNextConfig",
         image_size=256,
         mean=OPENAI_CLIP_MEAN,
         std=OPENAI_CLIP_STD,
