@@ -8,30 +8,17 @@ exported in the documented format.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import demo_fixture
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+demo_dir = demo_fixture.demo_dir  # the session fixture, shared with test_notebooks.py through a module cache
+
 FIGURES = ("linear_probe.png", "seg_recall.png", "alignment.png", "gradcam_grid.png")
 SECTIONS = ("training", "linear_probe", "seg_probe", "alignment", "gradcam")
 RUNS = ("stage1_proj", "stage1_full", "stage2_sft", "stage2_dpo")
-
-
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "run"
-    env = dict(os.environ, DEMO_SCALE="smoke", DEMO_DIR=str(out), PYTHON=sys.executable)
-    result = subprocess.run(
-        ["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"Report: {out}/report/report.md" in result.stdout
-    return out
 
 
 @pytest.mark.slow
@@ -53,7 +40,9 @@ def test_metrics_json_has_every_section(demo_dir):
         assert metrics[section], section
     assert set(metrics["training"]) == set(RUNS)
     assert metrics["training"]["stage2_dpo"]["loss_type"] == "dpo"
-    assert metrics["training"]["stage2_dpo"]["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference
+    assert metrics["training"]["stage2_dpo"]["first_loss"] == pytest.approx(
+        0.6931, abs=1e-3
+    )  # policy = reference
     runs = {row["run"] for row in metrics["linear_probe"]}
     assert runs == {"stage1", "sft", "dpo"}
 
@@ -61,7 +50,8 @@ def test_metrics_json_has_every_section(demo_dir):
 @pytest.mark.slow
 def test_sft_and_dpo_saw_the_same_samples_and_exported_their_encoders(demo_dir):
     orders = {
-        loss: (demo_dir / f"stage2_{loss}" / "sample_order.jsonl").read_text().splitlines() for loss in ("sft", "dpo")
+        loss: (demo_dir / f"stage2_{loss}" / "sample_order.jsonl").read_text().splitlines()
+        for loss in ("sft", "dpo")
     }
     ids = {loss: [json.loads(line)["ids"] for line in lines] for loss, lines in orders.items()}
     assert ids["sft"] == ids["dpo"] and ids["sft"]
