@@ -15,6 +15,7 @@ Pretrained weights are loaded once, directly into the final modules (no random i
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ class ModelConfig:
     dtype: str = "float32"
     """Weights dtype: float32 (CPU), bfloat16 (GPU)."""
     attn_implementation: str | None = None
-    """LLM attention kernel: None picks transformers' default (sdpa); "flash_attention_2" on GPU."""
+    """LLM attention kernel: None picks `default_attn_implementation(dtype)` (flash_attention_2 on GPU, else sdpa)."""
     from_config_only: bool = False
     """Random weights from the configs (throughput runs at real sizes without downloading weights)."""
 
@@ -95,6 +96,15 @@ class VisionSetup:
     grid: int
     num_prefix_tokens: int  # prefix tokens the HF Llava select strategy must drop (0 or 1)
     image_processor: object
+
+
+def default_attn_implementation(dtype: str | torch.dtype = "bfloat16") -> str:
+    """The LLM attention kernel used when none is named: "flash_attention_2" when CUDA is available,
+    `flash_attn` imports and the weights are 16-bit (the kernel has no fp32 path), else "sdpa"."""
+    half = DTYPES.get(dtype, dtype) in (torch.bfloat16, torch.float16)
+    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def build_vision(cfg: ModelConfig, dtype: torch.dtype) -> VisionSetup:
@@ -152,6 +162,7 @@ def anyres_grid_pinpoints(image_size: int, max_side: int = 6) -> list[list[int]]
 def build_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, object]:
     """Build the MLLM from an LLM and a vision tower; returns (model, tokenizer, image_processor)."""
     dtype = DTYPES[cfg.dtype]
+    attn_implementation = cfg.attn_implementation or default_attn_implementation(cfg.dtype)
     llm_path = resolve_llm(cfg.llm)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     image_token_id = ensure_image_token(tokenizer)
@@ -159,11 +170,11 @@ def build_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         llm = AutoModelForCausalLM.from_config(
             transformers.AutoConfig.from_pretrained(llm_path),
             dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attn_implementation,
         )
     else:
         llm = AutoModelForCausalLM.from_pretrained(
-            llm_path, dtype=dtype, attn_implementation=cfg.attn_implementation
+            llm_path, dtype=dtype, attn_implementation=attn_implementation
         )
     if image_token_id >= llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer))
@@ -252,19 +263,25 @@ def freeze_unused_vision_parts(model: PreTrainedModel) -> None:
 def load_model(
     path: str | Path, dtype: str = "float32", attn_implementation: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, object]:
-    """Load a checkpoint written by `save_model`; returns (model, tokenizer, image_processor)."""
+    """Load a checkpoint written by `save_model`; returns (model, tokenizer, image_processor).
+
+    `attn_implementation=None` gives the LLM `default_attn_implementation(dtype)` and leaves the tower's default.
+    """
     path = str(path)
     config = transformers.AutoConfig.from_pretrained(path)
     if getattr(config, "pivot_projector_reuse_layers", None) is not None:
         from llava.model.stage3 import load_stage3_model  # Stage-3 projector (llava.model.stage3)
 
-        return load_stage3_model(path, dtype, attn_implementation)
+        return load_stage3_model(
+            path, dtype, attn_implementation or {"text_config": default_attn_implementation(dtype)}
+        )
     model_class = (
         transformers.LlavaOnevisionForConditionalGeneration
         if config.model_type == "llava_onevision"
         else transformers.LlavaForConditionalGeneration
     )
-    model = model_class.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    attn = attn_implementation or {"text_config": default_attn_implementation(dtype)}
+    model = model_class.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn)
     freeze_unused_vision_parts(model)
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(path)

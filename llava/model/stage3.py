@@ -222,7 +222,7 @@ def is_stage3(config: PretrainedConfig) -> bool:
 
 
 def load_stage3_model(
-    path: str | Path, dtype: str = "float32", attn_implementation: str | None = None
+    path: str | Path, dtype: str = "float32", attn_implementation: str | dict | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, object]:
     """Load a Stage-3 checkpoint: HF Llava loading, then the projector rebuilt from `pivot_projector_dims`."""
     path = Path(path)

@@ -52,7 +52,10 @@ class ModelArguments:
         },
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "sdpa (default), eager or flash_attention_2."}
+        default=None,
+        metadata={
+            "help": "LLM attention: sdpa, eager or flash_attention_2 (default: flash_attention_2 on GPU when flash_attn is installed, else sdpa)."
+        },
     )
     stage3_source: str | None = field(
         default=None,

@@ -41,6 +41,7 @@ from llava.train.losses import PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
 from llava.train.reference import compute_reference_logps, load_reference_logps, save_reference_logps
 from llava.train.trainer import PivotTrainer
+from patches.zero3_init import zero3_init_disabled
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +195,34 @@ def resume_checkpoint(train_args) -> str | None:
     return last
 
 
+def zero_stage(deepspeed: str | dict | None) -> int:
+    """ZeRO stage of a DeepSpeed config (file path or dict); 0 without DeepSpeed."""
+    if not deepspeed:
+        return 0
+    config = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_reference_mode(train_args: PivotTrainingArguments) -> None:
+    """Refuse a live reference under ZeRO-3: it would be a full, unpartitioned copy of the model on every
+    GPU (only the policy goes through the DeepSpeed engine), defeating ZeRO-3's memory savings."""
+    live = train_args.loss_type in PREFERENCE_LOSSES and train_args.reference == "live"
+    if live and zero_stage(train_args.deepspeed) == 3:
+        raise ValueError(
+            f"--reference live keeps a full copy of the model on every GPU, but the DeepSpeed config "
+            f"{train_args.deepspeed} is ZeRO-3, chosen to partition it. Use --reference precomputed (reference "
+            "log-probs scored once before training, the default), or a ZeRO-2 config (--deepspeed scripts/zero2.json)."
+        )
+
+
 def run(
     model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
 ) -> PivotTrainer:
+    check_reference_mode(train_args)
     transformers.set_seed(train_args.seed)
     dtype = "bfloat16" if train_args.bf16 else "float32"
-    model, tokenizer, image_processor = load_or_build_model(model_args, dtype, train_args.output_dir)
+    with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
+        model, tokenizer, image_processor = load_or_build_model(model_args, dtype, train_args.output_dir)
     parts = parse_tunable_parts(train_args.mm_tunable_parts)
     counts = set_trainable_parts(model, parts)
     if is_stage3(model.config):

@@ -52,7 +52,8 @@ class PivotTrainer(Trainer):
         self.ref_logps = ref_logps
         self.ref_model = None
         if self.args.loss_type in PREFERENCE_LOSSES and self.args.reference == "live":
-            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            # Trainer places the policy itself except under DeepSpeed; the reference always goes to the device.
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.args.device)
         if (
             self.args.loss_type in PREFERENCE_LOSSES
             and self.args.reference == "precomputed"

@@ -1,6 +1,12 @@
 # Shared by every training script (sourced, not run): distributed settings, batch arithmetic, launch.
 # Variables (override from the environment): NUM_GPUS NNODES RANK ADDR PORT GLOBAL_BATCH PER_DEVICE_BATCH
-# DEEPSPEED PYTHON. On a machine without CUDA the run is one plain CPU process (fp32).
+# DEEPSPEED PYTHON LAUNCHER DDP_TIMEOUT HOSTFILE. On a machine without CUDA the run is one plain CPU
+# process (fp32). With GPUs: bf16, gradient checkpointing, DeepSpeed, and the LLM on flash_attention_2
+# when flash_attn imports, else sdpa (llava.model.builder.default_attn_implementation).
+# Multi-node: run the script on every node with the same NNODES ADDR PORT and that node's RANK (0..NNODES-1).
+#   LAUNCHER=torchrun (default): python -m torch.distributed.run.
+#   LAUNCHER=deepspeed: the DeepSpeed launcher (python -m deepspeed.launcher.runner); multi-node needs
+#   HOSTFILE (DeepSpeed's "host slots=N" lines, default /job/hostfile) and runs per node with --no_ssh.
 
 PYTHON=${PYTHON:-python}
 HAS_CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))")
@@ -17,8 +23,19 @@ GLOBAL_BATCH=${GLOBAL_BATCH:-256}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-4}
 SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEEPSPEED=${DEEPSPEED:-$SCRIPTS_DIR/zero3.json}
+LAUNCHER=${LAUNCHER:-torchrun}
+HOSTFILE=${HOSTFILE:-/job/hostfile}
+# Seconds a process may wait at a barrier, e.g. while rank 0 scores the reference log-probs (HF: 1800).
+DDP_TIMEOUT=${DDP_TIMEOUT:-10800}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# A failed or hung collective raises instead of blocking forever (older torch reads the NCCL_ name).
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+# CPU threads per process: the node's cores shared by its processes (torchrun would set 1).
+CORES=$(nproc 2>/dev/null || echo 1)
+PROCS_PER_NODE=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( CORES / PROCS_PER_NODE > 0 ? CORES / PROCS_PER_NODE : 1 ))}
 
 # Gradient accumulation so that PER_DEVICE_BATCH x processes x GA = GLOBAL_BATCH exactly.
 pivot_grad_accum() {
@@ -31,13 +48,40 @@ pivot_grad_accum() {
   echo $(( GLOBAL_BATCH / per_step ))
 }
 
-# Run llava.train.train with the given arguments: torchrun + DeepSpeed + bf16 on GPUs, plain python on CPU.
+# Sets LAUNCH_CMD to the launcher command of this node's GPU processes, up to the module to run.
+pivot_launcher() {
+  case "$LAUNCHER" in
+    torchrun)
+      LAUNCH_CMD=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NUM_GPUS" --nnodes="$NNODES"
+        --node_rank="$RANK" --master_addr="$ADDR" --master_port="$PORT" -m)
+      ;;
+    deepspeed)
+      LAUNCH_CMD=("$PYTHON" -m deepspeed.launcher.runner --num_gpus="$NUM_GPUS" --master_addr="$ADDR"
+        --master_port="$PORT" --no_local_rank)
+      if [ "$NNODES" -gt 1 ]; then
+        if [ ! -f "$HOSTFILE" ]; then
+          echo "LAUNCHER=deepspeed with NNODES=$NNODES needs HOSTFILE (not found: $HOSTFILE)" >&2
+          return 1
+        fi
+        LAUNCH_CMD+=(--hostfile="$HOSTFILE" --no_ssh --node_rank="$RANK" --num_nodes="$NNODES")
+      fi
+      LAUNCH_CMD+=(--module)
+      ;;
+    *)
+      echo "LAUNCHER=$LAUNCHER: choose torchrun or deepspeed" >&2
+      return 1
+      ;;
+  esac
+}
+
+# Run llava.train.train with the given arguments: torchrun/deepspeed + DeepSpeed + bf16 on GPUs,
+# plain python on CPU.
 pivot_launch() {
   if [ "$NUM_GPUS" -gt 0 ]; then
-    "$PYTHON" -m torch.distributed.run --nproc_per_node="$NUM_GPUS" --nnodes="$NNODES" --node_rank="$RANK" \
-      --master_addr="$ADDR" --master_port="$PORT" -m llava.train.train \
+    pivot_launcher || return 1
+    "${LAUNCH_CMD[@]}" llava.train.train \
       --deepspeed "$DEEPSPEED" --bf16 True --gradient_checkpointing True \
-      --gradient_checkpointing_kwargs '{"use_reentrant": false}' "$@"
+      --gradient_checkpointing_kwargs '{"use_reentrant": false}' --ddp_timeout "$DDP_TIMEOUT" "$@"
   else
     "$PYTHON" -m llava.train.train --use_cpu True "$@"
   fi
