@@ -127,7 +127,7 @@ torch.save({"pixel_values": pixels, "tokens": tokens}, result)
         [sys.executable, "-c", script, str(out), str(image), str(tmp_path / "result.pt")],
         check=True, cwd=tmp_path, env=env, capture_output=True, text=True,
     )  # fmt: skip
-    result = torch.load(tmp_path / "result.pt")
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
     pixels = processor(images=Image.open(image).convert("RGB"), return_tensors="pt")["pixel_values"]
     assert torch.equal(result["pixel_values"], pixels)
     assert torch.allclose(result["tokens"], mllm_tokens(model, pixels), atol=1e-6, rtol=0)
