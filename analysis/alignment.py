@@ -26,7 +26,7 @@ import importlib.resources
 import inspect
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,24 +37,12 @@ from PIL import Image
 from torch import Tensor
 
 from analysis.alignment_metrics import MATRIX_METRICS, alignment_matrix, prepare_features
+from analysis.features import load_encoder, resolve_device
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Prefix tokens (CLS, registers) before the patch tokens, by HF model_type. Unknown ViT-like models
-# fall back to "sequence length - patches", which needs `patch_size` in the config.
-PREFIX_TOKENS: dict[str, Callable[[Any], int]] = {
-    "siglip": lambda config: 0,
-    "siglip_vision_model": lambda config: 0,
-    "clip": lambda config: 1,
-    "clip_vision_model": lambda config: 1,
-    "vit": lambda config: 1,
-    "vit_mae": lambda config: 1,
-    "dinov2": lambda config: 1,
-    "dinov2_with_registers": lambda config: 1 + config.num_register_tokens,
-}
 
 
 def minilm_path() -> Path:
@@ -190,10 +178,6 @@ def resolve_model_spec(spec: str) -> tuple[str, str]:
     return name, resolved
 
 
-def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -208,42 +192,20 @@ class VisionEncoder:
 
     model: Any
     processor: Any
-    num_prefix_tokens: int | None
+    num_prefix_tokens: int
     labels: dict[str, Any] = field(default_factory=dict)
 
 
 def load_vision_encoder(path: str | Path, device: str = "cpu", dtype: str = "float32") -> VisionEncoder:
-    """Load an exported encoder (`export.json` + `vision_encoder/`) or any HF vision model directory/id.
+    """Load an exported encoder (`export.json` + `vision_encoder/`) or an HF vision-model directory.
 
-    Image processors load with the PIL backend (torchvision is not required). Composite checkpoints
-    (CLIPModel, SiglipModel) use their `vision_model`; MAE runs with mask_ratio 0.
+    Reads the export format and the prefix tokens through `analysis.features` (one reading for every
+    analysis); composite CLIP/SigLIP checkpoints use their vision model, images the PIL processor.
     """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
-
-    path = Path(path)
-    labels: dict[str, Any] = {}
-    num_prefix: int | None = None
-    if (path / "export.json").is_file():
-        meta = json.loads((path / "export.json").read_text())
-        labels = {key: meta[key] for key in ("loss_type", "vision_tower", "llm") if key in meta}
-        num_prefix = int(meta["num_prefix_tokens"])
-        path = path / "vision_encoder"
-    if (
-        path.is_dir()
-        and json.loads((path / "config.json").read_text()).get("model_type") == "pivot_multi_tower"
-    ):
-        import llava.model  # noqa: F401  registers the multi-tower class with the Auto classes
     torch_device = resolve_device(device)
-    config = AutoConfig.from_pretrained(str(path))
-    if config.model_type == "vit_mae":
-        config.mask_ratio = 0.0  # no masking; MAE's token shuffle does not change pooled features
-    model = AutoModel.from_pretrained(str(path), config=config, dtype=resolve_dtype(dtype, torch_device))
-    if hasattr(config, "vision_config") and hasattr(model, "vision_model"):
-        model = model.vision_model
-    if num_prefix is None and model.config.model_type in PREFIX_TOKENS:
-        num_prefix = PREFIX_TOKENS[model.config.model_type](model.config)
-    processor = AutoImageProcessor.from_pretrained(str(path), backend="pil")
-    return VisionEncoder(model.to(torch_device).eval(), processor, num_prefix, labels)
+    loaded = load_encoder(path, device=str(torch_device), dtype=resolve_dtype(dtype, torch_device))
+    labels = {k: v for k, v in loaded.spec.run_labels.items() if k in ("loss_type", "vision_tower", "llm")}
+    return VisionEncoder(loaded.model, loaded.processor, loaded.spec.num_prefix_tokens, labels)
 
 
 def pool_tokens(hidden: Tensor, num_prefix_tokens: int, pool: str = "mean") -> Tensor:
@@ -260,20 +222,15 @@ def pool_tokens(hidden: Tensor, num_prefix_tokens: int, pool: str = "mean") -> T
 
 
 def _prefix_tokens(encoder: VisionEncoder, seq_len: int, pixel_values: Tensor) -> int:
+    """The encoder's prefix-token count, checked against the patch grid when the config has a patch size."""
     patch = getattr(encoder.model.config, "patch_size", None)
-    num_patches = None
+    prefix = encoder.num_prefix_tokens
     if isinstance(patch, int) and pixel_values.ndim == 4:
         num_patches = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
-    prefix = encoder.num_prefix_tokens
-    if prefix is None:
-        if num_patches is None:
+        if seq_len - prefix != num_patches:
             raise ValueError(
-                f"cannot tell the prefix tokens of model_type {encoder.model.config.model_type!r}; "
-                f"add it to analysis.alignment.PREFIX_TOKENS"
+                f"{seq_len} tokens with {prefix} prefix tokens do not match {num_patches} patches"
             )
-        prefix = seq_len - num_patches
-    if num_patches is not None and seq_len - prefix != num_patches:
-        raise ValueError(f"{seq_len} tokens with {prefix} prefix tokens do not match {num_patches} patches")
     return prefix
 
 

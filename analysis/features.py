@@ -7,7 +7,7 @@ projector (`linear_2(gelu(linear_1(x)))`, the LLM's visual tokens). Poolings: "m
 float16 for the segmentation probe). Per-layer features come from `layers` (hidden-state indices).
 
 For a plain HF vision-model directory without export.json, the last hidden state is used and the prefix
-tokens are taken from the config (`PREFIX_TOKENS_BY_MODEL_TYPE`). Images go through the directory's own
+tokens follow the encoder registry's rule for its model type (`llava.model.encoders`). Images go through the directory's own
 image processor, always the PIL backend (torchvision is not part of the CPU install). Results are cached
 on disk under a key made of the encoder checksum, the dataset identity and the options, so a re-run loads
 the arrays (memory-mapped) without loading the model.
@@ -39,18 +39,15 @@ FEATURE_POINTS = ("encoder", "projector")
 POOLINGS = ("mean", "cls", "tokens")
 DEFAULT_CACHE_DIR = Path(os.environ.get("PIVOT_FEATURE_CACHE", Path.home() / ".cache" / "pivot" / "features"))
 
-# Prefix tokens (CLS, registers, distillation) that precede the patch tokens, by HF model_type.
-PREFIX_TOKENS_BY_MODEL_TYPE: dict[str, Callable[[Any], int]] = {
-    "siglip_vision_model": lambda config: 0,
-    "siglip": lambda config: 0,
-    "clip_vision_model": lambda config: 1,
-    "clip": lambda config: 1,
-    "vit": lambda config: 1,
-    "vit_mae": lambda config: 1,
-    "dinov2": lambda config: 1,
-    "dinov2_with_registers": lambda config: 1 + int(config.num_register_tokens),
-    "deit": lambda config: 2,
-}
+
+def prefix_tokens(vision_config: Any) -> int:
+    """Prefix tokens (CLS, registers) before the patch tokens: the encoder registry's rule for the type."""
+    from llava.model.encoders import family_for_config  # its error lists every known model type
+
+    family = family_for_config(vision_config)
+    if family.output != "tokens":
+        raise ValueError(f"model_type {vision_config.model_type!r} gives feature maps, not patch tokens")
+    return family.num_prefix_tokens(vision_config)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -293,12 +290,10 @@ def read_encoder_spec(path: str | Path) -> EncoderSpec:
         raise FileNotFoundError(f"{path}: neither export.json nor config.json; not an encoder directory")
     config = AutoConfig.from_pretrained(path)
     vision = getattr(config, "vision_config", None) or config
-    if vision.model_type not in PREFIX_TOKENS_BY_MODEL_TYPE:
-        raise ValueError(
-            f"{path}: model_type {vision.model_type!r} has no known prefix-token count; supported: "
-            f"{sorted(PREFIX_TOKENS_BY_MODEL_TYPE)} (or export it with export.json)"
-        )
-    prefix = PREFIX_TOKENS_BY_MODEL_TYPE[vision.model_type](vision)
+    try:
+        prefix = prefix_tokens(vision)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error} (or export it with export.json)") from error
     return EncoderSpec(
         path,
         path,

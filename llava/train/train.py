@@ -34,7 +34,7 @@ from llava.data.mixture import load_records, read_mixture, read_raw_records
 from llava.export import cpu_state_dict, write_projector
 from llava.model.builder import ModelConfig, build_model, load_model
 from llava.model.image_tokens import image_token_counter
-from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3, load_stage3_model
+from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3
 from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.losses import PREFERENCE_LOSSES
@@ -60,9 +60,7 @@ def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str 
         )
         return build_stage3_model(cfg, work_dir=output_dir)
     if model_args.model_name_or_path:
-        config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path)
-        loader = load_stage3_model if is_stage3(config) else load_model
-        return loader(model_args.model_name_or_path, dtype, model_args.attn_implementation)
+        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)  # Stage 3 too
     if not (model_args.llm and model_args.vision_tower):
         raise ValueError("Give --model_name_or_path (a checkpoint) or both --llm and --vision_tower.")
     cfg = ModelConfig(
