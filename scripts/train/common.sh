@@ -87,25 +87,32 @@ pivot_launch() {
   fi
 }
 
+# The recipe every stage shares (DESIGN §4), from the variables the calling script sets at its top:
+# pivot_train STAGE_FLAGS... -- EXTRA_ARGS...  (extra arguments come last, so they override the recipe).
+pivot_train() {
+  local stage=() ga
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do stage+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  ga=$(pivot_grad_accum)
+  pivot_launch "${stage[@]}" \
+    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
+    --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
+    --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
+    --gradient_accumulation_steps "$ga" \
+    --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
+    --save_strategy steps --save_steps "$SAVE_STEPS" --logging_steps 1 --report_to "$REPORT_TO" \
+    --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+}
+
 # Stage 2 (sft.sh, dpo.sh): reads the variables those scripts set at their top.
 pivot_stage2() {
-  local GA MODEL_ARGS
-  GA=$(pivot_grad_accum)
+  local MODEL_ARGS
   if [ -d "$CKPT_PATH" ]; then
     MODEL_ARGS=(--model_name_or_path "$CKPT_PATH")
   else
     MODEL_ARGS=(--llm "$LLM_VERSION" --vision_tower "$VISION_MODEL_VERSION")
   fi
-  echo "[stage2] $LOSS_TYPE: ${MODEL_ARGS[*]} data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
-
-  pivot_launch "${MODEL_ARGS[@]}" \
-    --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
-    --loss_type "$LOSS_TYPE" --beta "$BETA" --gamma "$GAMMA" --reference "$REFERENCE" \
-    --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
-    --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
-    --gradient_accumulation_steps "$GA" \
-    --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
-    --mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model \
-    --save_strategy steps --save_steps "$SAVE_STEPS" --logging_steps 1 --report_to "$REPORT_TO" \
-    --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+  echo "[stage2] $LOSS_TYPE: ${MODEL_ARGS[*]} data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $(pivot_grad_accum))"
+  pivot_train "${MODEL_ARGS[@]}" --loss_type "$LOSS_TYPE" --beta "$BETA" --gamma "$GAMMA" --reference "$REFERENCE" \
+    --mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model -- "$@"
 }

@@ -28,11 +28,6 @@ source scripts/train/common.sh
 GA=$(pivot_grad_accum)
 echo "[pivot_proj] encoder of $STAGE2_SOURCE -> $LLM_VERSION (reuse $REUSE_LAYERS) data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
 
-pivot_launch --stage3_source "$STAGE2_SOURCE" --llm "$LLM_VERSION" --projector_reuse_layers "$REUSE_LAYERS" \
-  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
-  --conv_template plain --loss_type sft --reference none --mm_tunable_parts mm_mlp_adapter \
-  --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
-  --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GA" \
-  --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
-  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --logging_steps 1 \
-  --report_to "$REPORT_TO" --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+pivot_train --stage3_source "$STAGE2_SOURCE" --llm "$LLM_VERSION" --projector_reuse_layers "$REUSE_LAYERS" \
+  --conv_template plain --loss_type sft --reference none --mm_tunable_parts mm_mlp_adapter --save_total_limit 1 \
+  -- "$@"

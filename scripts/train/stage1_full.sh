@@ -36,12 +36,7 @@ else
 fi
 echo "[stage1b] ${MODEL_ARGS[*]} data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
 
-pivot_launch "${MODEL_ARGS[@]}" \
-  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
-  --conv_template qwen_1_5 --loss_type sft --reference none \
+pivot_train "${MODEL_ARGS[@]}" \
+  --conv_template qwen_1_5 --loss_type sft --reference none --save_total_limit 1 \
   --mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model --mm_vision_tower_lr "$VISION_LR" \
-  --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
-  --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GA" \
-  --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
-  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --logging_steps 1 \
-  --report_to "$REPORT_TO" --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+  -- "$@"

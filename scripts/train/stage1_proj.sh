@@ -25,11 +25,6 @@ source scripts/train/common.sh
 GA=$(pivot_grad_accum)
 echo "[stage1a] $LLM_VERSION + $VISION_MODEL_VERSION data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $GA)"
 
-pivot_launch --llm "$LLM_VERSION" --vision_tower "$VISION_MODEL_VERSION" \
-  --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
-  --conv_template plain --loss_type sft --reference none --mm_tunable_parts mm_mlp_adapter \
-  --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
-  --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GA" \
-  --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
-  --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 1 --logging_steps 1 \
-  --report_to "$REPORT_TO" --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+pivot_train --llm "$LLM_VERSION" --vision_tower "$VISION_MODEL_VERSION" \
+  --conv_template plain --loss_type sft --reference none --mm_tunable_parts mm_mlp_adapter --save_total_limit 1 \
+  -- "$@"
