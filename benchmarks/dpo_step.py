@@ -164,6 +164,7 @@ def prepare_assets(workdir: Path, s: BenchSettings) -> dict[str, str]:
             meta_path=str(world / "mmpr" / "meta.json"),
             size=s.num_pairs,
             token_limit=0,
+            model_max_length=0,
             image_folder=str(world),
         )
     )

@@ -51,7 +51,8 @@ stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_s
 stage world             "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
                           --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --image_size "$IMAGE_SIZE"
 stage mmpr_convert      "$PYTHON" -m llava.data.mmpr --meta_path "$WORLD/mmpr/meta.json" --out_dir "$DATA" \
-                          --size "$MMPR_SIZE" --seed "$SEED" --tokenizer "$TINY/llm" --image_folder "$WORLD"
+                          --size "$MMPR_SIZE" --seed "$SEED" --tokenizer "$TINY/llm" --image_folder "$WORLD" \
+                          --image_tokens $(( (IMAGE_SIZE / 8) ** 2 ))  # tiny SigLIP: patch 8, square
 stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$DEMO_DIR/stage1_proj" \
                           LR="$LR_S1A" EPOCHS="$EPOCHS_S1" bash scripts/train/stage1_proj.sh --save_strategy no
 stage stage1b_full      env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \

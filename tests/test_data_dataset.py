@@ -221,3 +221,58 @@ def test_validate_catches_records_built_in_code(processor, world):
         (EmptyResponseError, "empty", "code"),
         (ImageTokenMismatchError, "mismatch", "code"),
     ]
+
+
+def test_validate_reads_image_headers_once_per_path_without_decoding(world, processor, monkeypatch):
+    import PIL.Image
+
+    raw = [conv(f"r{i}", ["images/wide.png", "images/tall.png"], "<image><image>Q?", "A.") for i in range(6)]
+    raw += [
+        conv("missing_a", ["images/nope.png"], "Q?", "A."),
+        conv("missing_b", ["images/nope.png"], "Q?", "A."),
+    ]
+    records = load_records(str(write_jsonl(world / "shared.jsonl", raw)), str(world), "conversation")
+    opened: list[str] = []
+    real_open = PIL.Image.open
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("validate() decoded pixel data")
+
+    monkeypatch.setattr(PIL.Image, "open", counting_open)
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", no_decoding)
+    monkeypatch.setattr(PIL.Image.Image, "load", no_decoding)
+    errors = make_dataset(records, processor, max_length=60).validate()
+    assert sorted(opened) == sorted({str(world / "images" / n) for n in ("wide.png", "tall.png")})
+    # Each record sharing a bad file gets its own error; the sizes come from the headers (3*5 + 4*2 tokens).
+    assert [(type(e), e.record_id) for e in errors] == [
+        (MissingImageError, "missing_a"),
+        (MissingImageError, "missing_b"),
+    ]
+    assert all("nope.png" in e.reason and e.path == str(world / "shared.jsonl") for e in errors)
+    (too_long,) = make_dataset(records[:1], processor, max_length=30).validate()
+    assert isinstance(too_long, SequenceTooLongError) and "(23 of them image tokens)" in too_long.reason
+
+
+def test_image_corrupt_after_its_header_fails_when_loaded(world, processor):
+    import numpy as np
+
+    path = world / "images" / "truncated.png"
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    path.write_bytes(path.read_bytes()[:2000])  # the header survives, the pixel data does not
+    raw = [
+        conv("ok", ["images/wide.png"], "<image>\nQ?", "A."),
+        conv("broken", ["images/truncated.png"], "Q?", "A."),
+    ]
+    data_file = str(write_jsonl(world / "corrupt.jsonl", raw))
+    dataset = make_dataset(load_records(data_file, str(world), "conversation"), processor)
+    assert dataset.validate() == []  # a header-level check cannot see it
+    dataset[0]
+    with pytest.raises(UnreadableImageError) as error:
+        dataset[1]
+    assert error.value.record_id == "broken" and error.value.path == data_file
+    assert str(path) in str(error.value) and "'broken'" in str(error.value)

@@ -98,6 +98,33 @@ def test_mixture_paths_relative_to_yaml(world, monkeypatch, tmp_path_factory):
     assert answers(load_records(absolute, None, "conversation")) == ["A100"]
 
 
+def test_mixture_paths_fall_back_to_the_working_directory(world, monkeypatch, tmp_path_factory):
+    """LLaVA-NeXT / PIVOT mixtures (e.g. PIVOT's single_image.yaml) name json paths relative to the cwd."""
+    elsewhere = tmp_path_factory.mktemp("yaml_dir")
+    path = write_mixture(elsewhere / "mix.yaml", ("data/alpha.json", "first:2"), ("data/beta.jsonl", "end:1"))
+    monkeypatch.chdir(world)
+    assert answers(load_records(path, None, "conversation")) == ["A0", "A1", "A109"]
+
+
+def test_mixture_paths_prefer_the_yaml_directory(world, monkeypatch, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cwd")
+    write_json(cwd / "data" / "alpha.json", [qa(500)])
+    monkeypatch.chdir(cwd)
+    path = write_mixture(world / "mix.yaml", ("data/alpha.json", "first:1"))
+    assert answers(load_records(path, None, "conversation")) == ["A0"]
+
+
+def test_missing_mixture_path_names_both_paths_tried(world, monkeypatch, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    missing = write_mixture(world / "missing.yaml", ("data/alpha.json", "all"), ("data/gamma.json", "all"))
+    with pytest.raises(DataFileError, match="datasets\\[1\\].json_path 'data/gamma.json' not found") as info:
+        load_records(missing, None, "conversation")
+    assert info.value.path == missing
+    assert str(world / "data" / "gamma.json") in str(info.value)
+    assert str(cwd / "data" / "gamma.json") in str(info.value)
+
+
 def test_preference_kind(tmp_path):
     raw = [{"id": f"p{i}", "prompt": "Q", "chosen": "A", "rejected": "B"} for i in range(3)]
     records = load_records(str(write_jsonl(tmp_path / "dpo.jsonl", raw)), None, "preference")
@@ -138,10 +165,10 @@ def test_bad_data_files_are_named(world):
     with pytest.raises(DataFileError, match="more records than the file holds \\(20\\)") as info:
         load_records(too_many, None, "conversation")
     assert info.value.path == alpha
-    missing = write_mixture(world / "missing.yaml", ("data/gamma.json", "all"))
+    gamma = str(world / "data" / "gamma.json")
     with pytest.raises(DataFileError, match="not found") as info:
-        load_records(missing, None, "conversation")
-    assert info.value.path == str(world / "data" / "gamma.json")
+        load_records(write_mixture(world / "missing.yaml", (gamma, "all")), None, "conversation")
+    assert info.value.path == gamma
     (world / "obj.json").write_text('{"id": 1}', encoding="utf-8")
     with pytest.raises(DataFileError, match="list of records"):
         load_records(str(world / "obj.json"), None, "conversation")

@@ -8,6 +8,12 @@ Both sides of a preference pair share one `pixel_values`, so images are encoded 
 
 The number of visual tokens each `<image>` expands to is `image_token_count(h, w)` of the image's
 original size (constant for `square` models, size-dependent for anyres).
+
+`validate()` / `invalid_records()` check every record before training without decoding any pixels:
+each image file is opened once per unique path for its header (existence, a format PIL recognises,
+the size), and the text is tokenised with the image-token counts of those sizes. A file whose header
+is fine but whose pixel data is corrupt passes this check and raises `UnreadableImageError`, naming
+the image, the data file and the record, when the item is loaded during training.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from llava.data.errors import RecordError
-from llava.data.images import load_image
+from llava.data.images import load_image, probe_image
 from llava.data.records import ConversationRecord, PreferenceRecord, Record
 from llava.data.templates import get_template
 from llava.data.tokenization import tokenize_conversation, tokenize_preference
@@ -64,8 +70,9 @@ class MultimodalDataset(Dataset):
     def _load_images(self, record: Record) -> list[Image.Image]:
         return [load_image(path, record.id, record.source) for path in record.images]
 
-    def _tokenize(self, record: Record, images: Sequence[Image.Image]) -> dict[str, list[int]]:
-        counts = [self.image_token_count(image.height, image.width) for image in images]
+    def _tokenize(self, record: Record, sizes: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
+        """Token ids and labels of `record`, its images being of (height, width) `sizes`."""
+        counts = [self.image_token_count(height, width) for height, width in sizes]
         common = {"record_id": record.id, "source": record.source}
         if isinstance(record, PreferenceRecord):
             return tokenize_preference(
@@ -89,7 +96,8 @@ class MultimodalDataset(Dataset):
         record = self.records[index]
         images = self._load_images(record)
         item: dict[str, Any] = {"id": record.id}
-        for key, ids in self._tokenize(record, images).items():
+        sizes = [(image.height, image.width) for image in images]
+        for key, ids in self._tokenize(record, sizes).items():
             item[key] = torch.tensor(ids, dtype=torch.long)
         if images:
             processed = self.image_processor(images=images, return_tensors="pt")
@@ -99,13 +107,37 @@ class MultimodalDataset(Dataset):
             )
         return item
 
-    def validate(self) -> list[RecordError]:
-        """Check every record (images open, replies non-empty, length within limit); return all errors."""
-        errors: list[RecordError] = []
-        for record in self.records:
+    def invalid_records(self) -> list[tuple[int, RecordError]]:
+        """(position in `records`, error) of every record that fails the pre-training check: image files
+        exist and open (header only, once per unique path), replies are non-empty, the tokenised
+        sequence is within `model_max_length`. Positions identify records even when ids repeat."""
+        headers: dict[str, tuple[int, int] | RecordError] = {}
+
+        def size(path: str, record: Record) -> tuple[int, int]:
+            if path not in headers:
+                try:
+                    headers[path] = probe_image(path, record.id, record.source)
+                except RecordError as error:
+                    headers[path] = error
+            found = headers[path]
+            if isinstance(found, RecordError):
+                raise type(found)(record.source, record.id, found.reason)
+            return found
+
+        invalid: list[tuple[int, RecordError]] = []
+        for position, record in enumerate(self.records):
             try:
-                self._tokenize(record, self._load_images(record))
+                self._tokenize(record, [size(path, record) for path in record.images])
             except RecordError as error:
-                errors.append(error)
-        logger.info("validated %d records: %d with errors", len(self.records), len(errors))
-        return errors
+                invalid.append((position, error))
+        logger.info(
+            "validated %d records (%d unique image files, headers only): %d with errors",
+            len(self.records),
+            len(headers),
+            len(invalid),
+        )
+        return invalid
+
+    def validate(self) -> list[RecordError]:
+        """The errors of `invalid_records()`, in record order."""
+        return [error for _, error in self.invalid_records()]

@@ -10,8 +10,9 @@
         - json_path: llava/instruct.json
           sampling_strategy: random:10%     # all | first:N | end:N | random:N, N a count or a percentage
 
-  Relative `json_path`s are resolved against the YAML file's directory (not the working directory), so
-  a mixture file works from anywhere. A percentage keeps `ceil(p * len / 100)` records (as upstream).
+  A relative `json_path` is looked up first in the YAML file's directory (so a mixture file works from
+  anywhere), then in the current working directory (LLaVA-NeXT's and PIVOT's convention, e.g. PIVOT's
+  `single_image.yaml`); if neither exists the error names both paths tried. A percentage keeps `ceil(p * len / 100)` records (as upstream).
   `random:N` draws N distinct records with `random.Random(f"{seed}:{position}")` (position = index of the
   entry in the mixture) and keeps them in file order; `first`/`end` take the first/last N.
 
@@ -137,8 +138,26 @@ def read_raw_records(path: str) -> list[Any]:
         return records
 
 
+def resolve_json_path(json_path: str, mixture_path: str, position: int) -> str:
+    """`json_path` of entry `position` of `mixture_path`: absolute as given, else relative to the mixture's
+    directory if that file exists, else relative to the working directory if that exists."""
+    if os.path.isabs(json_path):
+        return json_path
+    beside_mixture = os.path.join(os.path.dirname(os.path.abspath(mixture_path)), json_path)
+    if os.path.isfile(beside_mixture):
+        return beside_mixture
+    from_cwd = os.path.abspath(json_path)
+    if os.path.isfile(from_cwd):
+        return from_cwd
+    raise DataFileError(
+        mixture_path,
+        f"datasets[{position}].json_path {json_path!r} not found: tried {beside_mixture} (relative to the "
+        f"mixture file) and {from_cwd} (relative to the working directory {os.getcwd()})",
+    )
+
+
 def read_mixture(path: str) -> list[MixtureEntry]:
-    """Parse a YAML mixture file into its entries (json paths resolved against the YAML's directory)."""
+    """Parse a YAML mixture file into its entries (json paths resolved by `resolve_json_path`)."""
     if not os.path.isfile(path):
         raise DataFileError(path, "mixture file not found")
     with open(path, encoding="utf-8") as handle:
@@ -148,7 +167,6 @@ def read_mixture(path: str) -> list[MixtureEntry]:
             raise DataFileError(path, f"invalid YAML: {error}") from error
     if not isinstance(spec, dict) or not isinstance(spec.get("datasets"), list) or not spec["datasets"]:
         raise DataFileError(path, "a mixture must be a mapping with a non-empty list 'datasets'")
-    base = os.path.dirname(os.path.abspath(path))
     entries = []
     for position, item in enumerate(spec["datasets"]):
         if not isinstance(item, dict) or not isinstance(item.get("json_path"), str):
@@ -156,9 +174,7 @@ def read_mixture(path: str) -> list[MixtureEntry]:
         unknown = set(item) - {"json_path", "sampling_strategy"}
         if unknown:
             raise DataFileError(path, f"datasets[{position}] has unknown keys {sorted(unknown)}")
-        json_path = (
-            item["json_path"] if os.path.isabs(item["json_path"]) else os.path.join(base, item["json_path"])
-        )
+        json_path = resolve_json_path(item["json_path"], path, position)
         strategy = SamplingStrategy.parse(item.get("sampling_strategy", "all"), path)
         entries.append(MixtureEntry(json_path=json_path, strategy=strategy))
     return entries

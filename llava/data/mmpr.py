@@ -1,14 +1,14 @@
 """MMPR-v1.2 converter: ``meta.json`` + annotation jsonl → a DPO json and an SFT json with shared ids.
 
 Follows the Stage-2 data of Song et al. 2025 ("RL makes MLLMs see better than SFT", arXiv
-2510.16333) and PIVOT's MMPR sampler (seed 777, 20K samples, token limit 1500 on prompt + chosen),
-with the record formats of DESIGN §3 / docs/CONTRACTS.md §3:
+2510.16333) and PIVOT's MMPR sampler (seed 777, 20K samples, token limit 1500 on prompt + chosen,
+single-image items), with the record formats of DESIGN §3 / docs/CONTRACTS.md §3:
 
 - DPO (LLaVA-NeXT): ``{"id", "image"?, "prompt", "chosen", "rejected", "meta"}``
 - SFT (LLaVA): ``{"id", "image"?, "conversations": [human: prompt, gpt: chosen], "meta"}``
 
-Both files hold the same samples in the same order with the same ids, so SFT and DPO train on
-identical data. Pipeline:
+Both files hold the same samples in the same order with the same ids, and every written record fits
+training's ``model_max_length`` on both sides, so SFT and DPO train on identical data. Pipeline:
 
 1. Read every dataset of ``meta.json`` (sorted by name; ``root`` and ``annotation`` may be relative
    to the meta file's directory) and every line of its annotation file (in file order).
@@ -16,19 +16,27 @@ identical data. Pipeline:
    a placeholder count that does not match the images) and lines whose image files are missing are
    collected; they raise :class:`MMPRInputError` naming file and line, or with ``skip_missing`` are
    written to ``mmpr_skipped.jsonl`` with their reasons. Nothing is dropped silently.
-3. Keep single-image, multi-image (``image`` list) and text-only items (``image_only`` drops the
-   latter two, counted). A prompt lacking ``<image>`` gets one ``"<image>\\n"`` per image prepended.
+3. Items with more than ``max_images`` images are excluded (default 1, as PIVOT's sampler drops
+   multi-image files; 0 keeps any number). ``image_only`` keeps single-image items only. A prompt
+   lacking ``<image>`` gets one ``"<image>\\n"`` per image prepended.
 4. Apply the named filters (``llava.data.mmpr_filters.FILTERS``: under30, nothink).
 5. Seeded sample: a ``random.Random(seed)`` permutation of the candidates is walked in order and
-   the first ``size`` items within the token limit are taken (a uniform sample without replacement
-   of the items passing every filter, in random order; tokens are counted only as far as needed).
-   With ``shift_ratio`` r the "long or tagged" and the other items are two pools sampled to
-   round(size·r/100) and the rest, then shuffled together.
+   the first ``size`` items that pass two length checks are taken (a uniform sample without
+   replacement of the items passing every filter and check, in random order; checks run only as
+   far as needed): PIVOT's token limit on the ``prompt + " " + chosen`` text, then the training-time
+   check of ``llava.data.mmpr_fit`` (the records tokenised as training does, with the chat template,
+   ``image_tokens`` visual tokens per image, both the chosen and the rejected side, within
+   ``model_max_length``). With ``shift_ratio`` r the "long or tagged" and the other items are two
+   pools sampled to round(size·r/100) and the rest, then shuffled together.
+
+Every candidate excluded by ``max_images`` or a length check is listed with its reason under
+``excluded`` in the report (``mmpr_report.json``); nothing is dropped silently.
 
 Ids are ``"<dataset name>/<1-based line number>"``. ``meta`` holds the source dataset name and line
 (``source_dataset``, ``source_line``) and every extra annotation key (e.g. ``box``, ``answer_type``).
 Image paths are written relative to ``image_folder`` when given (the training ``--image_folder``),
-else absolute. Usage: ``python -m llava.data.mmpr --meta_path MMPR/meta.json --out_dir data/``.
+else absolute. Usage: ``python -m llava.data.mmpr --meta_path MMPR/meta.json --out_dir data/
+--tokenizer Qwen/Qwen2.5-1.5B-Instruct`` (the tokenizer of the LLM to be trained).
 """
 
 from __future__ import annotations
@@ -39,12 +47,11 @@ import logging
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from llava.data.errors import RecordError
 from llava.data.mmpr_filters import (
     FILTERS,
     REASONING_TAGS,
@@ -53,18 +60,26 @@ from llava.data.mmpr_filters import (
     load_token_counter,
     token_limit_text,
 )
+from llava.data.mmpr_input import (
+    SKIPPED_FILENAME,
+    DatasetSource,
+    Issue,
+    MMPRInputError,
+    MMPRItem,
+    item_issue,
+    parse_line,
+    read_meta,
+    to_dpo_record,
+    to_sft_record,
+)
+from llava.data.templates import CHAT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-RESPONSE_KEYS = ("question", "chosen", "rejected")
-META_KEYS = ("source_dataset", "source_line")
 DPO_FILENAME = "mmpr_dpo.json"
 SFT_FILENAME = "mmpr_sft.json"
 REPORT_FILENAME = "mmpr_report.json"
-SKIPPED_FILENAME = "mmpr_skipped.jsonl"
 TOKEN_BATCH = 1024
-MAX_LISTED_ISSUES = 20
 
 
 @dataclass
@@ -82,6 +97,10 @@ class MMPRConfig:
     skip_missing: bool = False
     allow_fewer: bool = False
     image_folder: str | None = None
+    model_max_length: int = 2048
+    image_tokens: int = 576
+    max_images: int = 1
+    conv_template: str = "qwen_1_5"
 
     def __post_init__(self) -> None:
         if not Path(self.meta_path).is_file():
@@ -98,81 +117,28 @@ class MMPRConfig:
             raise ValueError(f"shift_ratio is a percentage in 0..100, got {self.shift_ratio}")
         if self.image_folder is not None and not Path(self.image_folder).is_dir():
             raise ValueError(f"image_folder {self.image_folder!r} is not a directory")
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    """One ``meta.json`` entry with its paths resolved."""
-
-    name: str
-    root: Path
-    annotation: Path
-
-
-@dataclass(frozen=True)
-class Issue:
-    """A line that cannot become a sample (malformed, or with missing image files)."""
-
-    kind: str
-    dataset: str
-    path: str
-    line: int
-    reason: str
-
-    @property
-    def record_id(self) -> str:
-        return f"{self.dataset}/{self.line}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.record_id, **asdict(self)}
-
-
-class MMPRInputError(RecordError):
-    """Bad MMPR input lines; ``.issues`` lists all, ``.path/.record_id/.reason`` name the first."""
-
-    def __init__(self, issues: Sequence[Issue]) -> None:
-        self.issues = list(issues)
-        first = self.issues[0]
-        super().__init__(first.path, first.record_id, first.reason)
-        listed = "\n".join(
-            f"  {i.path}:{i.line} [{i.record_id}] {i.kind}: {i.reason}"
-            for i in self.issues[:MAX_LISTED_ISSUES]
-        )
-        more = len(self.issues) - MAX_LISTED_ISSUES
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        self.args = (
-            f"{len(self.issues)} MMPR annotation line(s) cannot be converted:\n{listed}{tail}\n"
-            f"Fix the input, or pass --skip_missing to skip them (listed in {SKIPPED_FILENAME}).",
-        )
-
-    def __reduce__(self) -> tuple[type, tuple[list[Issue]]]:
-        return (type(self), (self.issues,))
+        if self.model_max_length < 0:
+            raise ValueError(
+                f"model_max_length must be >= 0 (0 disables the check), got {self.model_max_length}"
+            )
+        if self.model_max_length and self.tokenizer is None:
+            raise ValueError(
+                f"the training-length check (model_max_length {self.model_max_length}) needs the training "
+                "tokenizer: pass --tokenizer (e.g. Qwen/Qwen2.5-1.5B-Instruct or a local directory), or "
+                "--model_max_length 0 to write records without checking that they fit"
+            )
+        if self.image_tokens < 1:
+            raise ValueError(f"image_tokens must be >= 1 (visual tokens per image), got {self.image_tokens}")
+        if self.max_images < 0:
+            raise ValueError(f"max_images must be >= 0 (0 keeps any number), got {self.max_images}")
+        if self.conv_template not in CHAT_TEMPLATES:
+            raise ValueError(
+                f"unknown conv_template {self.conv_template!r}; choose from {sorted(CHAT_TEMPLATES)}"
+            )
 
 
 class InsufficientSamplesError(ValueError):
     """Fewer items pass the filters than ``size`` asks for (and ``allow_fewer`` is off)."""
-
-
-@dataclass(frozen=True)
-class MMPRItem:
-    """A validated annotation line, ready to become a DPO and an SFT record."""
-
-    dataset: str
-    line: int
-    images: tuple[str, ...]
-    prompt: str
-    chosen: str
-    rejected: str
-    extra: dict[str, Any]
-    image_token_added: bool = False
-
-    @property
-    def id(self) -> str:
-        return f"{self.dataset}/{self.line}"
-
-    @property
-    def kind(self) -> str:
-        return {0: "text_only", 1: "single_image"}.get(len(self.images), "multi_image")
 
 
 @dataclass
@@ -190,16 +156,19 @@ class DatasetStats:
     multi_image: int = 0
     text_only: int = 0
     image_token_added: int = 0
+    too_many_images: int = 0
     kept_after: dict[str, int] = field(default_factory=dict)
     token_checked: int = 0
     token_over_limit: int = 0
+    too_long_for_training: int = 0
     sampled: int = 0
     sampled_long_or_tagged: int = 0
 
 
 @dataclass
 class MMPRConversion:
-    """The converted records (same order, same ids), the skipped lines and the report."""
+    """The converted records (same order, same ids), the skipped lines and the report (which lists
+    the excluded candidates under ``excluded``)."""
 
     dpo: list[dict[str, Any]]
     sft: list[dict[str, Any]]
@@ -207,98 +176,10 @@ class MMPRConversion:
     report: dict[str, Any]
 
 
-def read_meta(meta_path: str | Path) -> list[DatasetSource]:
-    """Parse ``meta.json`` into dataset sources sorted by name (paths relative to its directory)."""
-    meta_path = Path(meta_path)
+class FitCheck(Protocol):
+    """Why a candidate's records would not pass training's tokenisation (None: they would)."""
 
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [k for k, _ in pairs]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"{meta_path}: duplicate key(s) {dupes}")
-        return dict(pairs)
-
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicates)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path}: not valid JSON ({err})") from err
-    if not isinstance(meta, dict) or not meta:
-        raise ValueError(f"{meta_path}: expected a non-empty object mapping dataset names to entries")
-    sources = []
-    for name in sorted(meta):
-        entry = meta[name]
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), str) for k in ("root", "annotation")
-        ):
-            raise ValueError(f"{meta_path}: dataset {name!r} needs string fields 'root' and 'annotation'")
-        annotation = meta_path.parent / entry["annotation"]
-        if not annotation.is_file():
-            raise ValueError(f"{meta_path}: annotation file of dataset {name!r} not found: {annotation}")
-        sources.append(DatasetSource(name, meta_path.parent / entry["root"], annotation))
-    return sources
-
-
-def _parse_images(value: Any) -> tuple[str, ...] | str:
-    """The image list of a line, or a reason string when the ``image`` field is malformed."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-        return f"'image' must be a non-empty path or a non-empty list of paths, got {value!r}"
-    return tuple(value)
-
-
-def parse_line(raw: str, source: DatasetSource, line: int, image_folder: str | None) -> MMPRItem | Issue:
-    """Validate one annotation line; an :class:`Issue` explains why it cannot become a sample."""
-
-    def issue(kind: str, reason: str) -> Issue:
-        return Issue(kind, source.name, str(source.annotation), line, reason)
-
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as err:
-        return issue("malformed", f"invalid JSON ({err})")
-    if not isinstance(obj, dict):
-        return issue("malformed", f"expected a JSON object, got {type(obj).__name__}")
-    for key in RESPONSE_KEYS:
-        if not isinstance(obj.get(key), str):
-            return issue("malformed", f"missing or non-string {key!r}")
-    question, chosen, rejected = (obj[k] for k in RESPONSE_KEYS)
-    for key, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
-            return issue("malformed", f"empty {key!r}")
-        if IMAGE_TOKEN in text:
-            return issue("malformed", f"{key!r} contains the {IMAGE_TOKEN} placeholder")
-    clashes = [k for k in META_KEYS if k in obj]
-    if clashes:
-        return issue("malformed", f"extra key(s) {clashes} clash with the converter's meta keys")
-    images = _parse_images(obj.get("image"))
-    if isinstance(images, str):
-        return issue("malformed", images)
-    placeholders = question.count(IMAGE_TOKEN)
-    if placeholders not in (0, len(images)):
-        return issue(
-            "malformed",
-            f"question has {placeholders} {IMAGE_TOKEN} placeholder(s) for {len(images)} image(s)",
-        )
-    paths = [os.path.abspath(source.root / image) for image in images]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        return issue("missing_image", f"{len(missing)} image file(s) not found: {missing[:3]}")
-    if image_folder is not None:
-        folder = os.path.abspath(image_folder)
-        paths = [os.path.relpath(p, folder) for p in paths]
-        outside = [p for p in paths if p.split(os.sep)[0] == os.pardir]
-        if outside:
-            raise ValueError(
-                f"{source.annotation}:{line}: image {outside[0]!r} lies outside --image_folder {folder}; "
-                "pass the common parent of all MMPR image roots, or omit --image_folder for absolute paths"
-            )
-    add_tokens = bool(images) and not placeholders
-    prompt = f"{IMAGE_TOKEN}\n" * len(images) + question if add_tokens else question
-    extra = {k: v for k, v in obj.items() if k not in (*RESPONSE_KEYS, "image")}
-    return MMPRItem(source.name, line, tuple(paths), prompt, chosen, rejected, extra, add_tokens)
+    def problem(self, dpo_record: dict[str, Any], sft_record: dict[str, Any], source: str) -> str | None: ...
 
 
 def read_dataset(
@@ -324,14 +205,26 @@ def read_dataset(
     return items, issues
 
 
-def apply_filters(items: list[MMPRItem], cfg: MMPRConfig, stats: dict[str, DatasetStats]) -> list[MMPRItem]:
-    """Drop items by ``image_only`` and the named filters, recording per-dataset survivors."""
-    stages: list[tuple[str, Any]] = [("valid", lambda item: True)]
+def apply_filters(
+    items: list[MMPRItem], cfg: MMPRConfig, stats: dict[str, DatasetStats], excluded: list[Issue]
+) -> list[MMPRItem]:
+    """Drop items by ``max_images``, ``image_only`` and the named filters, recording per-dataset
+    survivors; items over ``max_images`` are also listed in ``excluded``."""
+    stages: list[tuple[str, Callable[[MMPRItem], bool]]] = [("valid", lambda item: True)]
+    if cfg.max_images:
+        stages.append(("max_images", lambda item: len(item.images) <= cfg.max_images))
     if cfg.image_only:
         stages.append(("image_only", lambda item: item.kind == "single_image"))
     stages += [(name, lambda item, keep=FILTERS[name]: keep(item.chosen)) for name in cfg.filters]
     for stage, keep in stages:
-        items = [item for item in items if keep(item)]
+        kept = [item for item in items if keep(item)]
+        if stage == "max_images":
+            for item in items:
+                if not keep(item):
+                    stats[item.dataset].too_many_images += 1
+                    reason = f"{len(item.images)} images > --max_images {cfg.max_images}"
+                    excluded.append(item_issue(item, "too_many_images", reason))
+        items = kept
         for dataset_stats in stats.values():
             dataset_stats.kept_after[stage] = 0
         for item in items:
@@ -345,31 +238,54 @@ def shift_targets(size: int, ratio: int) -> tuple[int, int]:
     return n_long, size - n_long
 
 
-def _take_within_limit(
-    order: list[MMPRItem], target: int, cfg: MMPRConfig, counter: TokenCounter, stats: dict[str, DatasetStats]
-) -> tuple[list[MMPRItem], bool]:
-    """The first ``target`` items of ``order`` within the token limit; also whether all were examined."""
-    if cfg.token_limit == 0:
-        return order[:target], target >= len(order)
-    taken: list[MMPRItem] = []
-    examined = 0
-    while len(taken) < target and examined < len(order):
-        batch = order[examined : examined + TOKEN_BATCH]
-        counts = counter.count([token_limit_text(item.prompt, item.chosen) for item in batch])
-        for item, n_tokens in zip(batch, counts):
-            examined += 1
-            stats[item.dataset].token_checked += 1
-            if n_tokens > cfg.token_limit:
-                stats[item.dataset].token_over_limit += 1
-            else:
-                taken.append(item)
-            if len(taken) == target:
-                break
-    return taken, examined == len(order)
+@dataclass
+class LengthChecks:
+    """PIVOT's token limit (0: off) and the training-time check (None: off) applied in sampling order,
+    counting into ``stats`` and listing every excluded item in ``excluded``."""
+
+    token_limit: int
+    counter: TokenCounter
+    fit: FitCheck | None
+    stats: dict[str, DatasetStats]
+    excluded: list[Issue]
+
+    def _problem(self, item: MMPRItem, n_tokens: int) -> Issue | None:
+        if self.token_limit and n_tokens > self.token_limit:
+            self.stats[item.dataset].token_over_limit += 1
+            reason = f"{n_tokens} tokens of prompt + chosen text > --token_limit {self.token_limit}"
+            return item_issue(item, "over_token_limit", reason)
+        if self.fit is not None:
+            reason = self.fit.problem(to_dpo_record(item), to_sft_record(item), item.annotation)
+            if reason is not None:
+                self.stats[item.dataset].too_long_for_training += 1
+                return item_issue(item, "too_long_for_training", reason)
+        return None
+
+    def take(self, order: list[MMPRItem], target: int) -> tuple[list[MMPRItem], bool]:
+        """The first ``target`` items of ``order`` passing both checks; also whether all were examined."""
+        if not self.token_limit and self.fit is None:
+            return order[:target], target >= len(order)
+        taken: list[MMPRItem] = []
+        examined = 0
+        while len(taken) < target and examined < len(order):
+            batch = order[examined : examined + TOKEN_BATCH]
+            texts = [token_limit_text(item.prompt, item.chosen) for item in batch]
+            counts = self.counter.count(texts) if self.token_limit else [0] * len(batch)
+            for item, n_tokens in zip(batch, counts):
+                examined += 1
+                self.stats[item.dataset].token_checked += 1
+                problem = self._problem(item, n_tokens)
+                if problem is None:
+                    taken.append(item)
+                else:
+                    self.excluded.append(problem)
+                if len(taken) == target:
+                    break
+        return taken, examined == len(order)
 
 
 def sample_items(
-    items: list[MMPRItem], cfg: MMPRConfig, counter: TokenCounter, stats: dict[str, DatasetStats]
+    items: list[MMPRItem], cfg: MMPRConfig, checks: LengthChecks
 ) -> tuple[list[MMPRItem], dict[str, Any]]:
     """Seeded sample of ``cfg.size`` items (see module docstring); returns it and sampling facts."""
     rng = random.Random(cfg.seed)
@@ -383,50 +299,36 @@ def sample_items(
     selected: list[MMPRItem] = []
     facts: dict[str, Any] = {"pools": {}, "token_counts_complete": True}
     for name, pool, target in pools:
-        taken, complete = _take_within_limit(rng.sample(pool, len(pool)), target, cfg, counter, stats)
+        taken, complete = checks.take(rng.sample(pool, len(pool)), target)
         facts["pools"][name] = {"available": len(pool), "target": target, "sampled": len(taken)}
         facts["token_counts_complete"] &= complete
         if len(taken) < target and not cfg.allow_fewer:
             raise InsufficientSamplesError(
-                f"only {len(taken)} of the requested {target} samples ({name} pool) pass the filters and "
-                f"the token limit {cfg.token_limit} ({len(pool)} before the token limit); lower --size "
-                "or pass --allow_fewer"
+                f"only {len(taken)} of the requested {target} samples ({name} pool) pass the filters, "
+                f"the token limit {cfg.token_limit} and the training-length check (model_max_length "
+                f"{cfg.model_max_length}, {cfg.image_tokens} tokens per image); {len(pool)} passed the "
+                "filters. Lower --size or pass --allow_fewer"
             )
         selected += taken
     if cfg.shift_ratio is not None:
         rng.shuffle(selected)
     for item in selected:
-        stats[item.dataset].sampled += 1
-        stats[item.dataset].sampled_long_or_tagged += int(is_long_or_tagged(item.chosen))
+        stats = checks.stats[item.dataset]
+        stats.sampled += 1
+        stats.sampled_long_or_tagged += int(is_long_or_tagged(item.chosen))
     return selected, facts
 
 
-def _image_field(item: MMPRItem) -> dict[str, Any]:
-    if not item.images:
-        return {}
-    return {"image": item.images[0] if len(item.images) == 1 else list(item.images)}
+def load_fit_check(cfg: MMPRConfig) -> FitCheck | None:
+    """The training-time check of ``cfg`` (None when ``model_max_length`` is 0)."""
+    if not cfg.model_max_length:
+        return None
+    from llava.data.mmpr_fit import TrainingFitCheck, load_training_tokenizer
 
-
-def _meta(item: MMPRItem) -> dict[str, Any]:
-    return {"source_dataset": item.dataset, "source_line": item.line, **item.extra}
-
-
-def to_dpo_record(item: MMPRItem) -> dict[str, Any]:
-    """LLaVA-NeXT preference record ``{"id", "image"?, "prompt", "chosen", "rejected", "meta"}``."""
-    return {
-        "id": item.id,
-        **_image_field(item),
-        "prompt": item.prompt,
-        "chosen": item.chosen,
-        "rejected": item.rejected,
-        "meta": _meta(item),
-    }
-
-
-def to_sft_record(item: MMPRItem) -> dict[str, Any]:
-    """LLaVA conversation record with the chosen response as the assistant turn."""
-    conversations = [{"from": "human", "value": item.prompt}, {"from": "gpt", "value": item.chosen}]
-    return {"id": item.id, **_image_field(item), "conversations": conversations, "meta": _meta(item)}
+    assert cfg.tokenizer is not None  # MMPRConfig requires it with a model_max_length
+    return TrainingFitCheck(
+        load_training_tokenizer(cfg.tokenizer), cfg.conv_template, cfg.model_max_length, cfg.image_tokens
+    )
 
 
 def _totals(stats: dict[str, DatasetStats]) -> dict[str, Any]:
@@ -438,6 +340,15 @@ def _totals(stats: dict[str, DatasetStats]) -> dict[str, Any]:
         stage: sum(d["kept_after"][stage] for d in per_dataset) for stage in per_dataset[0]["kept_after"]
     }
     return totals
+
+
+def _training_check(cfg: MMPRConfig) -> str:
+    if not cfg.model_max_length:
+        return "off (--model_max_length 0): records were not checked against training's length limit"
+    return (
+        f"every written record tokenises with template {cfg.conv_template!r}, {cfg.image_tokens} tokens per "
+        f"image, within model_max_length {cfg.model_max_length} (prompt+chosen, prompt+rejected, SFT)"
+    )
 
 
 def convert_mmpr(cfg: MMPRConfig) -> MMPRConversion:
@@ -461,8 +372,10 @@ def convert_mmpr(cfg: MMPRConfig) -> MMPRConversion:
         issues += dataset_issues
     if issues and not cfg.skip_missing:
         raise MMPRInputError(issues)
-    candidates = apply_filters(items, cfg, stats)
-    selected, facts = sample_items(candidates, cfg, counter, stats)
+    excluded: list[Issue] = []
+    candidates = apply_filters(items, cfg, stats, excluded)
+    checks = LengthChecks(cfg.token_limit, counter, load_fit_check(cfg), stats, excluded)
+    selected, facts = sample_items(candidates, cfg, checks)
     report = {
         "settings": asdict(cfg),
         "tokenizer": {"name": counter.name, "method": counter.description},
@@ -478,6 +391,8 @@ def convert_mmpr(cfg: MMPRConfig) -> MMPRConversion:
             },
         },
         "sampling": facts,
+        "training_check": _training_check(cfg),
+        "excluded": [issue.to_json() for issue in excluded],
     }
     return MMPRConversion(
         dpo=[to_dpo_record(item) for item in selected],
@@ -516,24 +431,28 @@ def format_summary(report: dict[str, Any]) -> str:
         f"MMPR conversion: size {settings['size']}, seed {settings['seed']}, token limit "
         f"{settings['token_limit'] or 'off'} ({report['tokenizer']['name']}), filters "
         f"{list(settings['filters']) or 'none'}, shift_ratio {settings['shift_ratio']}, "
-        f"image_only {settings['image_only']}",
-        f"{'dataset':<28}{'read':>8}{'malformed':>10}{'missing':>9}{'multi':>7}{'text':>7}{'kept':>8}"
-        f"{'>limit':>8}{'sampled':>9}",
+        f"image_only {settings['image_only']}, max_images {settings['max_images'] or 'any'}",
+        f"training check: {report['training_check']}",
+        f"{'dataset':<28}{'read':>8}{'malformed':>10}{'missing':>9}{'multi':>7}{'text':>7}{'>images':>8}"
+        f"{'kept':>8}{'>limit':>8}{'too long':>9}{'sampled':>9}",
     ]
     rows = [*report["datasets"].items(), ("TOTAL", report["totals"])]
     for name, s in rows:
         kept = list(s["kept_after"].values())[-1] if s["kept_after"] else 0
         lines.append(
             f"{name:<28}{s['read']:>8}{s['malformed']:>10}{s['missing_image']:>9}{s['multi_image']:>7}"
-            f"{s['text_only']:>7}{kept:>8}{s['token_over_limit']:>8}{s['sampled']:>9}"
+            f"{s['text_only']:>7}{s['too_many_images']:>8}{kept:>8}{s['token_over_limit']:>8}"
+            f"{s['too_long_for_training']:>9}{s['sampled']:>9}"
         )
     sampled = report["sampled"]
     lines.append(
         f"sampled {sampled['total']}: {sampled['single_image']} single-image, {sampled['multi_image']} "
         f"multi-image, {sampled['text_only']} text-only, {sampled['long_or_tagged']} long or tagged"
     )
+    if report["excluded"]:
+        lines.append(f"{len(report['excluded'])} excluded candidates, each with its reason, under 'excluded'")
     if not report["sampling"]["token_counts_complete"]:
-        lines.append("token-limit counts cover only the items examined in sampling order")
+        lines.append("length checks cover only the items examined in sampling order")
     return "\n".join(lines)
 
 
@@ -557,8 +476,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tokenizer",
-        help="tokenizer path or hub id for the token limit (e.g. Qwen/Qwen2.5-1.5B-Instruct); without it "
-        "tokens are approximated as max(words, ceil(chars / 4)) and the report says so",
+        help="the training LLM's tokenizer (path or hub id, e.g. Qwen/Qwen2.5-1.5B-Instruct), for the token "
+        "limit and the training-length check; required unless --model_max_length 0 (then the token limit "
+        "approximates tokens as max(words, ceil(chars / 4)) and the report says so)",
+    )
+    parser.add_argument(
+        "--model_max_length",
+        type=int,
+        default=2048,
+        help="training's --model_max_length (scripts: 2048): only candidates whose DPO record (both sides) "
+        "and SFT record tokenise within it, as training tokenises them, are sampled; 0 disables the check",
+    )
+    parser.add_argument(
+        "--image_tokens",
+        type=int,
+        default=576,
+        help="visual tokens per image at training time (paper, square: one 384² SigLIP image → 576; the tiny "
+        "demo: (image_size / 8)²); for anyres models pass an upper bound",
+    )
+    parser.add_argument(
+        "--max_images",
+        type=int,
+        default=1,
+        help="exclude items with more images (default 1: single-image and text-only items, as PIVOT's "
+        "sampler drops multi-image files); 0 keeps any number",
+    )
+    parser.add_argument(
+        "--conv_template",
+        default="qwen_1_5",
+        choices=sorted(CHAT_TEMPLATES),
+        help="training's --conv_template, used by the training-length check (Stage 2: qwen_1_5)",
     )
     parser.add_argument(
         "--filters",
@@ -575,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--image_only",
         action="store_true",
-        help="drop multi-image and text-only items (counted in the report)",
+        help="drop text-only (and multi-image) items, counted in the report",
     )
     parser.add_argument(
         "--skip_missing",
@@ -619,6 +566,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
             skip_missing=args.skip_missing,
             allow_fewer=args.allow_fewer,
             image_folder=args.image_folder,
+            model_max_length=args.model_max_length,
+            image_tokens=args.image_tokens,
+            max_images=args.max_images,
+            conv_template=args.conv_template,
         )
         conversion = convert_mmpr(cfg)
     except ValueError as err:  # bad settings or input (RecordError, InsufficientSamplesError, meta.json)

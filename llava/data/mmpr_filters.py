@@ -10,7 +10,8 @@ Follows the data variants of Song et al. 2025 ("RL makes MLLMs see better than S
   than 100 words or contains a reasoning tag.
 - token limit: ``prompt + " " + chosen`` (the prompt already carrying its ``<image>`` placeholders,
   which count as text, as in PIVOT's sampler) encoded without special tokens must have at most
-  ``token_limit`` tokens.
+  ``token_limit`` tokens. This is PIVOT's rule and not training's length: the converter also checks
+  each candidate exactly as training tokenises it (``llava.data.mmpr_fit``).
 
 Words are whitespace-separated chunks (``len(text.split())``). All filters look at the chosen
 response only: prompts may legitimately mention tags in their instructions.

@@ -5,9 +5,18 @@ Follows LLaVA-NeXT's `preprocess_qwen` / `preprocess_plain` (DESIGN §2-§4) wit
 - Each template piece (system prompt, role headers, human text, reply, end-of-turn) is tokenised on its
   own and the ids are concatenated, so no BPE merge crosses a role boundary and the mask is exact.
 - Only assistant replies and the end-of-turn text right after them (`<|im_end|>` for `qwen_1_5`, `"\\n"`
-  for `plain`) are supervised; everything else is -100. Upstream `preprocess_qwen` also un-masks the
-  `"\\n"` after each `<|im_end|>`; we do NOT: that newline is template scaffolding the model never has
-  to produce (generation stops at `<|im_end|>`), so training on it only adds a trivial target.
+  for `plain`) are supervised; everything else is -100. Upstream LLaVA-NeXT / PIVOT `preprocess_qwen`
+  supervises more: each assistant turn as the chat template renders it, i.e. also its
+  `<|im_start|>assistant\\n` header and the `"\\n"` after its `<|im_end|>`, and then it un-masks every
+  `<|im_start|>`, `<|im_end|>` and `"\\n"` token (Qwen id 198) anywhere, system and user turns included
+  (`unmask_tokens_idx = [198, im_start, im_end]`). That is about 13 extra supervised tokens in a
+  single-image, single-turn sample, all template scaffolding with near-zero loss once learnt. We do not
+  supervise them: generation starts after the assistant header and stops at `<|im_end|>`, so the model
+  never has to produce them. Because the loss is a mean over supervised tokens, at equal learning rate
+  the SFT gradient per content token here is larger than upstream's, most for short answers. The DPO loss
+  is essentially unaffected: the extra tokens of the shared prompt and assistant header score the
+  same for chosen and rejected and cancel in the margin (only the `"\\n"` after `<|im_end|>` differs,
+  with log-prob ≈ 0).
 
 Each `<image>` placeholder becomes `image_token_counts[i]` copies of the `<image>` token id (the HF
 Llava convention: `input_ids` hold one image-token id per visual token). Nothing is ever truncated:
