@@ -15,6 +15,13 @@ The visual tokens the projector received are
 .hidden_states[feature_layer][:, num_prefix_tokens:]` and the LLM's visual tokens are
 `linear_2(gelu(linear_1(features)))`. Plain towers load with transformers alone; multi-tower ensembles
 (`model_type: pivot_multi_tower`) need `import llava.model` first (`export.json["requires_import"]`).
+Towers read after their final norm (llava.model.encoders: DINOv2, MAE, MoCo/supervised ViT at the last
+layer) keep that formula: ViT-layout towers carry `tie_last_hidden_states: true`, so transformers returns
+the post-norm state as `hidden_states[-1]`; DINOv2 is exported as the single-member `pivot_multi_tower`
+the MLLM ran. `tokens_per_image` counts a CLS token kept by `mm_vision_select_feature: cls_patch`.
+`vision_encoder/`'s image processor gives one image exactly the pixels the MLLM's tower saw: the MLLM's
+processor made to agree with the tower (encoders.conform_image_processor), or for anyres models a direct
+resize equal to LlavaOnevisionImageProcessor's base tile.
 
 Two entry points share one writer:
 - `export_model(model, image_processor, out_dir, ...)`: an in-memory MLLM (the training callback,
@@ -35,8 +42,10 @@ Two entry points share one writer:
      `--vision_config` or else `config.mm_vision_tower` (a local directory or the HF cache). Depth:
      when the checkpoint holds fewer encoder layers than that config (LLaVA-NeXT's SigLIP tower deletes
      its last layer and reads the last hidden state) the tower keeps exactly those layers; otherwise it
-     is truncated at `mm_vision_select_layer`. `mm_vision_select_feature: patch` drops the family's
-     prefix tokens (CLS), `cls_patch` keeps them.
+     is truncated at `mm_vision_select_layer`. Families with a final norm (DINOv2) are read as
+     PIVOT/Cambrian read them: the full tower's `last_hidden_state`, whatever `mm_vision_select_layer`
+     says. `mm_vision_select_feature: patch` drops the family's prefix tokens (CLS), `cls_patch` keeps
+     them. `image_aspect_ratio: anyres*` exports the base-tile (direct resize) processor.
 
 Stage-3 projectors with a third, new layer after the two reused Stage-2 layers (llava.model.stage3,
 `projector_reuse_layers=2`, no activation between them) are folded into `linear_2`:
@@ -64,12 +73,14 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 import llava.model  # noqa: F401  (registers pivot_multi_tower with the Auto classes)
 from llava.model.encoders import (
     ENCODER_FAMILIES,
+    EncoderFamily,
     family_for_config,
-    image_processor_for,
     resolve_select_layer,
     truncated_vision_config,
     vision_config_of,
+    vision_image_processor,
 )
+from llava.model.multi_tower import PivotMultiTower, needs_wrapper
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +211,14 @@ def encoder_metadata(
             grid = family_for_config(tower_config).grid_size(tower_config, image_size)
     patch_size = int(getattr(tower_config, "patch_size", image_size // grid))
     is_multi = tower_config.model_type == MULTI_TOWER_TYPE
+    # A single tower read with its CLS token (cls_patch) gives it to the projector too; wrappers drop prefixes.
+    kept = (
+        0 if is_multi else family_for_config(tower_config).num_prefix_tokens(tower_config) - num_prefix_tokens
+    )
+    if kept < 0:
+        raise ValueError(
+            f"num_prefix_tokens={num_prefix_tokens} exceeds the prefix tokens of the {tower_config.model_type} tower."
+        )
     return {
         "format_version": FORMAT_VERSION,
         "source_checkpoint": source_checkpoint,
@@ -211,7 +230,7 @@ def encoder_metadata(
         "image_size": int(image_size),
         "patch_size": patch_size,
         "grid": [int(grid), int(grid)],
-        "tokens_per_image": int(grid) ** 2,
+        "tokens_per_image": int(grid) ** 2 + kept,
         "hidden_size": int(tower_config.hidden_size),
         "feature_layer": -1,
         "num_prefix_tokens": int(num_prefix_tokens),
@@ -221,23 +240,25 @@ def encoder_metadata(
     }
 
 
-def vision_image_processor(image_processor, tower_config: PretrainedConfig, image_size: int):
-    """The single-tile processor of the tower (an anyres OneVision processor is reduced to its base tile)."""
-    if image_processor is not None and not getattr(image_processor, "image_grid_pinpoints", None):
-        return image_processor
+def _first_family(tower_config: PretrainedConfig) -> EncoderFamily:
+    """The tower's family (a multi-tower's first member: its input is normalised for that one)."""
     if tower_config.model_type == MULTI_TOWER_TYPE:
-        family = ENCODER_FAMILIES[tower_config.towers[0]["family"]]
-    else:
-        family = family_for_config(tower_config)
-    base = image_processor_for(family, image_size)
-    if image_processor is not None:
-        base.image_mean = list(image_processor.image_mean)
-        base.image_std = list(image_processor.image_std)
-        base.resample = image_processor.resample
-    return base
+        return ENCODER_FAMILIES[tower_config.towers[0]["family"]]
+    return family_for_config(tower_config)
 
 
 # ---- writer -------------------------------------------------------------------------------------
+def _record_feature_point(config_file: Path, tower_config: PretrainedConfig) -> None:
+    """Write `tie_last_hidden_states: false` into a final-norm family's config that lacks it (checkpoints
+    from before the flag were read pre-norm), so a transplant never re-reads it after the norm."""
+    if tower_config.model_type == MULTI_TOWER_TYPE or family_for_config(tower_config).final_norm is None:
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("tie_last_hidden_states") is None:
+        config["tie_last_hidden_states"] = False
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _write_export(
     out_dir: Path,
     tower: PreTrainedModel,
@@ -249,9 +270,10 @@ def _write_export(
 ) -> Path:
     encoder_dir = out_dir / "vision_encoder"
     tower.save_pretrained(str(encoder_dir), state_dict=tower_state, safe_serialization=True)
-    vision_image_processor(image_processor, tower.config, metadata["image_size"]).save_pretrained(
-        str(encoder_dir)
-    )
+    _record_feature_point(encoder_dir / "config.json", tower.config)
+    vision_image_processor(
+        image_processor, _first_family(tower.config), metadata["image_size"]
+    ).save_pretrained(str(encoder_dir))
     projector_config = json.loads(
         (write_projector(projector_state, out_dir / "projector", act) / "config.json").read_text()
     )
@@ -373,16 +395,19 @@ def load_tower_from_tensors(
     return tower
 
 
-def _processor_for_checkpoint(checkpoint: Path, candidates: list[str], tower_config, image_size: int):
+def _processor_for_checkpoint(
+    checkpoint: Path, candidates: list[str], tower_config, image_size: int, base_tile: bool | None = None
+):
     for place in [str(checkpoint), str(checkpoint.parent), *candidates]:
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(place)
         except (OSError, ValueError):
             continue
         logger.info("image processor from %s", place)
-        return vision_image_processor(processor, tower_config, image_size)
+        family = _first_family(tower_config)
+        return vision_image_processor(processor, family, image_size, base_tile=base_tile, where=place)
     logger.warning("%s: no image processor config found; using the encoder family's defaults.", checkpoint)
-    return vision_image_processor(None, tower_config, image_size)
+    return vision_image_processor(None, _first_family(tower_config), image_size, base_tile=bool(base_tile))
 
 
 def _global_step(checkpoint: Path) -> int:
@@ -428,7 +453,10 @@ def _export_hf(checkpoint: Path, raw: dict, out_dir: Path, loss_type: str | None
         grid=raw.get("pivot_grid"),
     )
     candidates = [raw["mm_vision_tower"]] if raw.get("mm_vision_tower") else []
-    processor = _processor_for_checkpoint(checkpoint, candidates, tower.config, metadata["image_size"])
+    anyres = config.model_type == "llava_onevision"
+    processor = _processor_for_checkpoint(
+        checkpoint, candidates, tower.config, metadata["image_size"], base_tile=anyres
+    )
     return _write_export(
         out_dir, tower, tower.state_dict(), projector_state, processor, metadata, config.projector_hidden_act
     )
@@ -475,22 +503,47 @@ def _export_llava_next(
     present = _max_layer(tower_tensors)
     configured = int(raw.get("mm_vision_select_layer", family.default_select_layer))
     select_layer = present - depth - 1 if 0 < present < depth else configured
+    if family.final_norm is not None and not 0 < present < depth:
+        logger.info(
+            "%s: %s towers are read after their final %s in PIVOT/Cambrian (last_hidden_state), whatever "
+            "mm_vision_select_layer (%d) says; exporting that feature point.",
+            checkpoint,
+            family.name,
+            family.final_norm,
+            configured,
+        )
+        select_layer = -1
     tower_config, family = truncated_vision_config(full_config, select_layer)
     kept = resolve_select_layer(select_layer, depth)
     tower = load_tower_from_tensors(tower_config, _drop_layers_from(tower_tensors, kept), str(checkpoint))
     keep_cls = raw.get("mm_vision_select_feature", "patch") == "cls_patch"
+    prefix = 0 if keep_cls else family.num_prefix_tokens(tower.config)
+    if needs_wrapper(tower, family):
+        if keep_cls:
+            raise ValueError(
+                f"{checkpoint}: mm_vision_select_feature cls_patch with a {family.name} tower read through "
+                "PivotMultiTower (which drops prefix tokens) cannot be exported."
+            )
+        size = _image_size(tower.config)
+        tower = PivotMultiTower.from_members(
+            [(tower, family.name, size, family.grid_size(tower.config, size))]
+        )
+        prefix = 0
     metadata = encoder_metadata(
         tower.config,
-        0 if keep_cls else family.num_prefix_tokens(tower.config),
+        prefix,
         select_layer,
         source_checkpoint=str(checkpoint.resolve()),
         global_step=global_step,
         loss_type=loss_type or "unknown",
         llm=str(raw.get("_name_or_path") or "unknown"),
         vision_tower=str(raw.get("mm_vision_tower") or source),
-        encoder_family=family.name,
+        encoder_family=None if isinstance(tower, PivotMultiTower) else family.name,
     )
-    processor = _processor_for_checkpoint(checkpoint, [source], tower.config, metadata["image_size"])
+    anyres = str(raw.get("image_aspect_ratio", "")).startswith("anyres")
+    processor = _processor_for_checkpoint(
+        checkpoint, [source], tower.config, metadata["image_size"], base_tile=anyres
+    )
     return _write_export(out_dir, tower, tower.state_dict(), projector_state, processor, metadata, "gelu")
 
 

@@ -3,7 +3,8 @@
 Every tower of the registry (plus a SigLIP+DINOv2 ensemble) × {square, anyres_max_9}: forward and
 backward with labels, a gradient for every trainable parameter, and as many `<image>` tokens as the
 model scatters features. The visual tokens are checked against the FULL tower run with plain
-transformers; anyres counts against values derived by hand from LLaVA-OneVision's rules. Checkpoints
+transformers (PIVOT's feature point: after the final norm for DINOv2/MAE/ViT at the last layer, LLaVA's
+pre-norm hidden state otherwise); anyres counts against values derived by hand from LLaVA-OneVision's rules. Checkpoints
 round-trip through `load_model` and through a fresh interpreter that imports transformers only.
 """
 
@@ -152,8 +153,12 @@ def test_image_token_mismatch_raises(built, aspect):
         model(**batch)
 
 
+POST_NORM_AT_LAST_LAYER = {"dinov2", "dinov2_reg", "mae", "vit"}
+
+
 def _reference_features(tiny_dir, family_dir: str, select_layer: int, pixels: torch.Tensor) -> torch.Tensor:
-    """Visual tokens from the FULL tower (plain transformers): hidden_states[select_layer], prefix dropped."""
+    """Visual tokens from the FULL tower (plain transformers), prefix dropped: `last_hidden_state` (after the
+    final norm) for POST_NORM_AT_LAST_LAYER families read at the last layer, else hidden_states[select_layer]."""
     path = tiny_dir / family_dir
     config = transformers.AutoConfig.from_pretrained(path)
     if config.model_type == "vit_mae":
@@ -163,7 +168,10 @@ def _reference_features(tiny_dir, family_dir: str, select_layer: int, pixels: to
     else:
         full, extra = transformers.AutoModel.from_pretrained(path).eval(), {}
     with torch.no_grad():
-        hidden = full(pixels, output_hidden_states=True, **extra).hidden_states[select_layer]
+        out = full(pixels, output_hidden_states=True, **extra)
+    last = select_layer in (-1, len(out.hidden_states) - 1)
+    post_norm = family_dir in POST_NORM_AT_LAST_LAYER and last
+    hidden = out.last_hidden_state if post_norm else out.hidden_states[select_layer]
     if hidden.dim() == 4:  # ConvNeXt map [B, C, h, w] → row-major tokens
         return hidden.permute(0, 2, 3, 1).flatten(1, 2)
     prefix = hidden.shape[1] - (config.image_size // config.patch_size) ** 2
@@ -178,9 +186,12 @@ def _reference_features(tiny_dir, family_dir: str, select_layer: int, pixels: to
         ("clip", None, -2),
         ("dinov2", None, -1),
         ("dinov2", -2, -2),
+        ("dinov2_reg", None, -1),
         ("dinov2_reg", -2, -2),
         ("mae", None, -1),
+        ("vit", None, -1),
         ("vit", -2, -2),
+        ("vit", 3, 3),
         ("convnext", None, -1),
     ],
 )
@@ -202,13 +213,15 @@ def test_projector_reads_selected_hidden_state_of_full_tower(tiny_dir, tower, se
 # ---------------------------------------------------------------- save / load
 
 
-# Multi-tower checkpoints (ensemble, DINOv2 registers) load in-process after `import llava.model`.
+# Multi-tower checkpoints (ensemble, DINOv2 registers, DINOv2 read after its final norm) load in-process
+# after `import llava.model`; MAE/ViT read after their final norm stay plain HF (tie_last_hidden_states).
 SAVED = [
     ("siglip", "square"),
     ("clip", "square"),
     ("siglip", "anyres_max_9"),
     ("siglip+dinov2", "square"),
     ("dinov2_reg", "square"),
+    ("dinov2", "square"),
     ("mae", "square"),
 ]
 
@@ -275,7 +288,7 @@ FRESH_LOADER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_fresh_interpreter_with_transformers_only_gives_identical_logits(saved, tmp_path):
-    keys = [("siglip", "square"), ("clip", "square"), ("siglip", "anyres_max_9")]
+    keys = [("siglip", "square"), ("clip", "square"), ("siglip", "anyres_max_9"), ("mae", "square")]
     script = tmp_path / "load_with_transformers_only.py"
     script.write_text(FRESH_LOADER)
     paths = [saved[key][0] for key in keys]
@@ -321,11 +334,17 @@ def test_saved_config_records_llava_next_knobs(saved, tiny_dir):
         ("image_aspect_ratio", "pad", "image_aspect_ratio='pad'"),
         ("mm_vision_select_feature", "cls", "mm_vision_select_feature='cls'"),
         ("dtype", "float8", "dtype='float8'"),
+        (
+            {"mm_vision_select_feature": "cls_patch", "image_aspect_ratio": "anyres_max_9"},
+            None,
+            "'square' only",
+        ),
     ],
 )
 def test_model_config_rejects_bad_values(field, value, message):
+    settings = field if isinstance(field, dict) else {field: value}
     with pytest.raises(ValueError, match=message):
-        ModelConfig(llm="llm", vision_tower="tower", **{field: value})
+        ModelConfig(llm="llm", vision_tower="tower", **settings)
 
 
 def _word_tokenizer() -> transformers.PreTrainedTokenizerFast:

@@ -2,8 +2,10 @@
 
 Every test that loops over encoders is parametrized over `ENCODER_FAMILIES`, so a new entry is tested
 automatically. References are independent of the registry: the FULL tower loaded with plain
-transformers (`AutoModel.from_pretrained` on the same directory), hand-counted prefix tokens, and
-HF `ViTMAEModel` run with ordered noise for MAE.
+transformers (`AutoModel.from_pretrained` on the same directory), hand-counted prefix tokens, the
+feature point PIVOT reads (DINOv2 `last_hidden_state`, timm `forward_features` for MAE/MoCo/ViT: after
+the final norm; CLIP/SigLIP: LLaVA's pre-norm `hidden_states[layer]`), and HF `ViTMAEModel` run with
+ordered noise for MAE.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from llava.model.multi_tower import PivotMultiTower
 
 FAMILIES = sorted(ENCODER_FAMILIES)
 BATCH = 2
+# Families PIVOT reads after their final norm at the last layer (DINOv2 last_hidden_state, timm forward_features).
+POST_NORM_AT_LAST_LAYER = {"dinov2", "dinov2_reg", "mae", "vit"}
 
 
 def _image_size(config) -> int:
@@ -58,6 +62,20 @@ def _run_full(model, pixels: torch.Tensor):
     )
     with torch.no_grad():
         return model(pixels, output_hidden_states=True, **extra)
+
+
+def _as_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] feature maps as row-major tokens; token sequences unchanged."""
+    return hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+
+
+def _expected_feature_point(name: str, full_output, select_layer: int) -> torch.Tensor:
+    """What the projector should read from the FULL tower's output (module docstring)."""
+    depth = len(full_output.hidden_states) - 1
+    last = select_layer in (-1, depth)
+    if name in POST_NORM_AT_LAST_LAYER and last:
+        return full_output.last_hidden_state
+    return _as_tokens(full_output.hidden_states[select_layer])
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +143,41 @@ def test_select_layer_matches_full_tower_hidden_state(tiny_dir, full_towers, nam
     assert used == select_layer
     pixels = _pixels(_image_size(tower.config), seed=1)
     with torch.no_grad():
-        ours = tower(pixels, output_hidden_states=True).hidden_states[-1]
-    reference = _run_full(full_towers[name], pixels).hidden_states[select_layer]
+        ours = tower_features(tower, pixels, 0)  # every token, prefix included
+    reference = _expected_feature_point(name, _run_full(full_towers[name], pixels), select_layer)
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
     if family.output == "tokens":  # truncated, not merely read at an earlier layer
         depth = full_towers[name].config.num_hidden_layers
         assert tower.config.num_hidden_layers == (
             select_layer if select_layer > 0 else depth + 1 + select_layer
         )
+
+
+@pytest.mark.parametrize("select_layer", [-1, -2])
+@pytest.mark.parametrize("name", sorted(POST_NORM_AT_LAST_LAYER))
+def test_final_norm_is_trained_exactly_when_it_is_read(tiny_dir, name, select_layer):
+    tower, family, _ = load_vision_tower(str(tiny_dir / name), select_layer)
+    norm = {n: p for n, p in tower.named_parameters() if n.split(".")[-2] == "layernorm"}
+    assert set(norm) == {"layernorm.weight", "layernorm.bias"}
+    assert all(p.requires_grad == (select_layer == -1) for p in norm.values())
+    weights = torch.randn(BATCH, family.tokens_per_image(tower.config), _feature_width(tower.config))
+    prefix = family.num_prefix_tokens(tower.config)
+    (tower_features(tower, _pixels(_image_size(tower.config)), prefix) * weights).sum().backward()
+    assert all((p.grad is not None) == (select_layer == -1) for p in norm.values())
+
+
+@pytest.mark.parametrize("name", sorted(POST_NORM_AT_LAST_LAYER))
+def test_post_norm_towers_say_so_in_their_config(tiny_dir, tmp_path, name):
+    """ViT-layout towers give the post-norm state as hidden_states[-1] in plain transformers (the export
+    contract); Dinov2Model ignores `tie_last_hidden_states`, hence `final_norm_in_hidden_states`."""
+    tower, family, _ = load_vision_tower(str(tiny_dir / name))
+    assert tower.config.tie_last_hidden_states is True
+    tower.save_pretrained(tmp_path)
+    loaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        out = loaded(_pixels(_image_size(tower.config), seed=9), output_hidden_states=True)
+    in_hidden_states = torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert in_hidden_states == family.final_norm_in_hidden_states == (name in ("mae", "vit"))
 
 
 def test_default_select_layers_follow_llava_onevision():
@@ -169,12 +214,14 @@ def test_mae_tower_equals_vitmae_with_ordered_noise(tiny_dir):
         torch.manual_seed(0)
         shuffled = mae(pixels, output_hidden_states=True)
     assert len(ours.hidden_states) == len(ordered.hidden_states)
-    for a, b in zip(ours.hidden_states, ordered.hidden_states):
+    for a, b in zip(ours.hidden_states[:-1], ordered.hidden_states[:-1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.last_hidden_state, ordered.last_hidden_state, rtol=1e-5, atol=1e-6)
+    # Read at its last layer, the tower's hidden_states[-1] is MAE's output after the final norm.
+    torch.testing.assert_close(ours.hidden_states[-1], ordered.last_hidden_state, rtol=1e-5, atol=1e-6)
 
     # Default ViTMAE forward shuffles patch tokens even at mask_ratio 0: different order, same tokens.
-    ours_patches, shuffled_patches = ours.hidden_states[-1][:, 1:], shuffled.hidden_states[-1][:, 1:]
+    ours_patches, shuffled_patches = ours.last_hidden_state[:, 1:], shuffled.last_hidden_state[:, 1:]
     assert not torch.allclose(ours_patches, shuffled_patches, atol=1e-3)
     index = shuffled.ids_restore.unsqueeze(-1).expand_as(shuffled_patches)
     torch.testing.assert_close(torch.gather(shuffled_patches, 1, index), ours_patches, rtol=1e-4, atol=1e-5)
@@ -251,7 +298,7 @@ def test_ensemble_concatenates_members_channelwise(tiny_dir):
         torch.testing.assert_close(tokens[..., :width], tower_features(siglip, pixels, 0))
         raw = pixels * 0.5 + 0.5
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dino_family.mean, dino_family.std))
-        dino_tokens = dino((raw - mean) / std, output_hidden_states=True).hidden_states[-1][:, 1:]
+        dino_tokens = dino((raw - mean) / std).last_hidden_state[:, 1:]  # after the final norm
     torch.testing.assert_close(tokens[..., width:], dino_tokens, rtol=1e-4, atol=1e-5)
 
 
@@ -275,10 +322,16 @@ def test_dinov2_registers_drop_cls_and_four_registers(tiny_dir):
     wrapper = PivotMultiTower.from_members([(tower, "dinov2_reg", size, grid)])
     pixels = _pixels(size, seed=5)
     with torch.no_grad():
-        tokens = wrapper(pixels).last_hidden_state
-        raw = tower(pixels, output_hidden_states=True).hidden_states[-1]
+        out = wrapper(pixels, output_hidden_states=True)
+        full = tower(pixels, output_hidden_states=True)
+    raw = full.last_hidden_state  # after the final norm
     assert raw.shape[1] == grid**2 + 5
-    torch.testing.assert_close(tokens, raw[:, 5:])
+    torch.testing.assert_close(out.last_hidden_state, raw[:, 5:])
+    # A lone tower's hidden states keep the plain tower's layout (layer-wise analyses), prefix dropped.
+    assert len(out.hidden_states) == len(full.hidden_states) == tower.config.num_hidden_layers + 1
+    for ours, plain in zip(out.hidden_states[:-1], full.hidden_states[:-1]):
+        torch.testing.assert_close(ours, plain[:, 5:])
+    assert out.hidden_states[-1] is out.last_hidden_state
 
 
 def test_convnext_tokens_are_flattened_last_stage_map(tiny_dir, full_towers):
@@ -307,10 +360,12 @@ def test_multi_tower_round_trips_through_auto_model(tiny_dir, tmp_path):
         torch.testing.assert_close(loaded(pixels).last_hidden_state, wrapper(pixels).last_hidden_state)
 
 
+@pytest.mark.parametrize("select_layer", [-2, -1])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_truncated_tower_round_trips_through_auto_model(tiny_dir, tmp_path, name):
+def test_truncated_tower_round_trips_through_auto_model(tiny_dir, tmp_path, name, select_layer):
     """The exported encoder (docs/CONTRACTS.md §1) is the truncated tower, reloaded by plain transformers."""
-    select_layer = -2 if ENCODER_FAMILIES[name].output == "tokens" else -1
+    if ENCODER_FAMILIES[name].output != "tokens" and select_layer != -1:
+        pytest.skip("feature-map towers are read at their last stage only")
     tower, _, _ = load_vision_tower(str(tiny_dir / name), select_layer)
     tower.save_pretrained(tmp_path)
     loaded = transformers.AutoModel.from_pretrained(tmp_path).eval()

@@ -1,8 +1,9 @@
 """Encoder export (llava.export, llava.train.callbacks; docs/CONTRACTS.md §1).
 
 The reference for every export is the MLLM itself: `model.model.get_image_features` (HF's own path:
-tower → select layer/strategy → projector). Exports are read back only the way the contract says
-(`AutoModel` + `hidden_states[feature_layer][:, num_prefix_tokens:]` + `linear_2(gelu(linear_1(x)))`).
+tower → select layer/strategy → projector) on the MLLM's own image processor's pixels. Exports are read
+back only the way the contract says (`AutoModel` + `hidden_states[feature_layer][:, num_prefix_tokens:]`
++ `linear_2(gelu(linear_1(x)))`, the exported image processor) and through `analysis.features`.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from stage_fixtures import exported_tokens, mllm_tokens, train, write_world
 
+from analysis.features import FeatureOptions, array_source, extract_features
 from llava.export import apply_projector, export_checkpoint, export_model, fold_projector, main, read_export
 from llava.model.builder import ModelConfig, build_model, load_model, save_model
 
@@ -79,6 +83,68 @@ def test_export_model_reproduces_mllm_visual_tokens(built, tmp_path):
     }  # fmt: skip
     # Already truncated: the exported tower has 2 of the tiny tower's 3 layers (select layer -2).
     assert transformers.AutoConfig.from_pretrained(out / "vision_encoder").num_hidden_layers == 2
+
+
+# Every registry family (default feature point, plus pre-norm reads of post-norm families) and ensembles.
+EVERY_TOWER = [
+    *[(tower, None) for tower in ("siglip", "clip", "dinov2", "dinov2_reg", "mae", "vit", "convnext")],
+    ("siglip+dinov2", None),
+    ("dinov2+siglip", None),
+    ("dinov2", -2),
+    ("vit", -2),
+]
+
+
+@pytest.mark.parametrize(("tower", "select_layer"), EVERY_TOWER)
+def test_every_family_export_reproduces_the_mllm_visual_tokens(tiny_dir, tmp_path, tower, select_layer):
+    torch.manual_seed(0)
+    model, tokenizer, processor = build_model(
+        ModelConfig(
+            llm=str(tiny_dir / "llm"),
+            vision_tower="+".join(str(tiny_dir / part) for part in tower.split("+")),
+            mm_vision_select_layer=select_layer,
+        )
+    )
+    model.eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 70), (33, 32))]
+    pixels = processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    expected = mllm_tokens(model, pixels)
+    save_model(model, tokenizer, processor, tmp_path / "ckpt")
+    live = export_model(model, processor, tmp_path / "live", source_checkpoint=tmp_path / "ckpt")
+    disk = export_checkpoint(tmp_path / "ckpt", tmp_path / "disk")
+    for out in (live, disk):
+        exported = transformers.AutoImageProcessor.from_pretrained(out / "vision_encoder")
+        exported_pixels = exported(images=[Image.fromarray(i) for i in images], return_tensors="pt")
+        assert torch.equal(exported_pixels["pixel_values"], pixels)
+        assert torch.allclose(exported_tokens(out, pixels), expected, atol=1e-6, rtol=0)
+        assert read_export(out)["tokens_per_image"] == expected.shape[1]
+    options = FeatureOptions(feature_points=("projector",), pooling=("tokens",), token_dtype="float32")
+    extracted = extract_features(live, array_source(images), options, cache_dir=None, progress=False)
+    np.testing.assert_allclose(extracted["projector.tokens"], expected.numpy(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tower", ["dinov2", "dinov2_reg"])
+def test_wrapped_tower_export_keeps_per_layer_features(tiny_dir, tmp_path, tower):
+    """DINOv2 read after its final norm is exported as a one-member pivot_multi_tower whose hidden states
+    keep the plain tower's layers (layer-wise probes and alignment read them)."""
+    model, _, processor = build_model(
+        ModelConfig(llm=str(tiny_dir / "llm"), vision_tower=str(tiny_dir / tower))
+    )
+    out = export_model(model.eval(), processor, tmp_path / "exp", source_checkpoint=tmp_path)
+    images = [np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)]
+    options = FeatureOptions(pooling=("mean",), layers=(1, 2))
+    extracted = extract_features(out, array_source(images), options, cache_dir=None, progress=False)
+    plain = transformers.AutoModel.from_pretrained(tiny_dir / tower).eval()
+    pixels = processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = plain(pixels, output_hidden_states=True)
+    prefix = reference.last_hidden_state.shape[1] - 16
+    for layer in (1, 2):
+        expected = reference.hidden_states[layer][:, prefix:].mean(1).numpy()
+        np.testing.assert_allclose(extracted[f"encoder.layer{layer}.mean"], expected, rtol=1e-4, atol=1e-5)
+    expected = reference.last_hidden_state[:, prefix:].mean(1).numpy()  # the feature point: after the norm
+    np.testing.assert_allclose(extracted["encoder.mean"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_export_checkpoint_equals_in_memory_export(built, tmp_path):
@@ -208,16 +274,17 @@ def test_zero3_gathers_on_every_process_and_only_the_main_one_writes(built, tmp_
 
 
 def _llava_next_checkpoint(
-    path: Path, tower_dir: Path, drop_last_layer: bool
+    path: Path, tower_dir: Path, drop_last_layer: bool, tower_prefix: str = "vision_model."
 ) -> tuple[torch.nn.Module, dict]:
-    """A checkpoint in the original LLaVA-NeXT/PIVOT layout around the tiny tower at `tower_dir`."""
+    """A checkpoint in the original LLaVA-NeXT/PIVOT layout around the tiny tower at `tower_dir`
+    (`tower_prefix`: "vision_model." for CLIP/SigLIP towers, "" for PIVOT's DINOv2 `Dinov2Model`)."""
     full = transformers.AutoModel.from_pretrained(tower_dir)
     depth = full.config.num_hidden_layers
     tensors = {}
     for key, value in full.state_dict().items():
         if key.startswith("head.") or (drop_last_layer and f"encoder.layers.{depth - 1}." in key):
             continue  # LLaVA-NeXT's SigLIP tower replaces the head and deletes its last layer
-        tensors[f"model.vision_tower.vision_tower.vision_model.{key}"] = value.clone()
+        tensors[f"model.vision_tower.vision_tower.{tower_prefix}{key}"] = value.clone()
     torch.manual_seed(3)
     projector = {
         "linear_1.weight": torch.randn(64, 32) * 0.1, "linear_1.bias": torch.randn(64) * 0.1,
@@ -254,6 +321,23 @@ def test_llava_next_layout_export(tiny_dir, tmp_path, capsys, family, drop_last_
     with torch.no_grad():  # independent reference: the full tower's penultimate hidden state
         features = full(pixels, output_hidden_states=True).hidden_states[-2][:, prefix:]
     expected = apply_projector(projector, features)
+    assert torch.allclose(exported_tokens(tmp_path / "out", pixels), expected, atol=1e-6, rtol=0)
+
+
+def test_pivot_layout_dinov2_is_read_after_its_final_norm(tiny_dir, tmp_path):
+    """PIVOT's DinoVisionTower feeds `last_hidden_state` (after the final LayerNorm), whatever
+    mm_vision_select_layer (-2 here) says; the export is the wrapper the MLLM would run."""
+    full, projector = _llava_next_checkpoint(tmp_path / "next", tiny_dir / "dinov2", False, tower_prefix="")
+    export_checkpoint(tmp_path / "next", tmp_path / "out")
+    meta = read_export(tmp_path / "out")
+    assert (meta["requires_import"], meta["num_prefix_tokens"], meta["tokens_per_image"]) == (
+        "llava.model",
+        0,
+        16,
+    )
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = apply_projector(projector, full(pixels).last_hidden_state[:, 1:])
     assert torch.allclose(exported_tokens(tmp_path / "out", pixels), expected, atol=1e-6, rtol=0)
 
 

@@ -7,6 +7,7 @@ model rebuilt under the same seed.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,12 +141,60 @@ def test_stage3_refuses_bad_settings(setup, tiny_dir, tmp_path):
     model, _, _ = build_stage3_model(Stage3Config(str(setup["stage2"]), str(setup["llm48"])), tmp_path / "w")
     with pytest.raises(ValueError, match="frozen"):
         freeze_stage3(model, ("mm_vision_tower", "mm_mlp_adapter"))
-    ensemble, tokenizer, processor = build_model(
-        ModelConfig(llm=str(tiny_dir / "llm"), vision_tower=str(tiny_dir / "dinov2_reg"))
+
+
+@pytest.mark.parametrize(
+    ("tower", "select_layer"), [("dinov2", None), ("siglip+dinov2", None), ("vit", None), ("vit", -2)]
+)
+def test_encoder_is_transplanted_with_its_feature_point(setup, tiny_dir, tmp_path, tower, select_layer):
+    """Multi-tower encoders (DINOv2 after its final norm, ensembles) and plain towers read before or after
+    their final norm give the Stage-3 model the hidden state the Stage-2 model read."""
+    torch.manual_seed(0)
+    stage2, tokenizer, processor = build_model(
+        ModelConfig(
+            llm=str(tiny_dir / "llm"),
+            vision_tower="+".join(str(tiny_dir / part) for part in tower.split("+")),
+            mm_vision_select_layer=select_layer,
+        )
     )
-    save_model(ensemble, tokenizer, processor, tmp_path / "ensemble")
-    with pytest.raises(ValueError, match="multi-tower"):
-        build_stage3_model(Stage3Config(str(tmp_path / "ensemble"), str(setup["llm48"])), tmp_path / "e")
+    save_model(stage2, tokenizer, processor, tmp_path / "stage2")
+    model, _, processor3 = build_stage3_model(
+        Stage3Config(str(tmp_path / "stage2"), str(setup["llm48"])), tmp_path / "work"
+    )
+    assert model.config.vision_feature_select_strategy == stage2.config.vision_feature_select_strategy
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        read3 = model.eval().model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        read2 = stage2.eval().model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+    assert torch.equal(read3, read2)
+    count = model.config.image_seq_length
+    assert count == stage2.config.image_seq_length
+    ids = torch.tensor([[model.config.image_token_id] * count + [5, 6]] * 2)
+    assert torch.isfinite(model(input_ids=ids, pixel_values=pixels).logits).all()
+
+
+def test_feature_point_of_older_checkpoints_is_recorded_and_older_exports_refused(setup, tiny_dir, tmp_path):
+    """Checkpoints written before `tie_last_hidden_states` existed were read before the final norm: the
+    export records that; an export lacking the record is refused rather than re-read after the norm."""
+    stage2, tokenizer, processor = build_model(
+        ModelConfig(llm=str(tiny_dir / "llm"), vision_tower=str(tiny_dir / "vit"))
+    )
+    save_model(stage2, tokenizer, processor, tmp_path / "stage2")
+    config_file = tmp_path / "stage2" / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["vision_config"].pop("tie_last_hidden_states") is True
+    config_file.write_text(json.dumps(config))
+    export = export_checkpoint(tmp_path / "stage2", tmp_path / "export")
+    encoder_config = export / "vision_encoder" / "config.json"
+    recorded = json.loads(encoder_config.read_text())
+    assert recorded["tie_last_hidden_states"] is False
+    model, _, _ = build_stage3_model(Stage3Config(str(export), str(setup["llm48"])), tmp_path / "a")
+    assert model.config.vision_config.tie_last_hidden_states is False
+    del recorded["tie_last_hidden_states"]
+    encoder_config.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="Re-export the Stage-2 checkpoint"):
+        build_stage3_model(Stage3Config(str(export), str(setup["llm48"])), tmp_path / "b")
 
 
 @pytest.mark.slow

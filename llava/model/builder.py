@@ -4,13 +4,17 @@ vision tower (llava.model.encoders, truncated to `mm_vision_select_layer`) → `
 (HF `LlavaMultiModalProjector`: Linear → GELU → Linear) → Qwen2.5 (or any HF causal LM).
 
 - `image_aspect_ratio="square"` (the paper's runs): `LlavaForConditionalGeneration`, one image →
-  `grid x grid` tokens, flat merge.
+  `grid x grid` tokens (+1 with `mm_vision_select_feature="cls_patch"`), flat merge.
 - `image_aspect_ratio="anyres_max_9"` (upstream OneVision default): `LlavaOnevisionForConditionalGeneration`
   with grid pinpoints (1x1)…(6x6) × the tower resolution and the learned `image_newline`.
 
 Checkpoints are plain HF checkpoints (`save_pretrained`, safetensors) that load with transformers
 alone; our extra knobs are stored as `mm_*` / `pivot_*` keys in config.json (LLaVA-NeXT names).
 Pretrained weights are loaded once, directly into the final modules (no random init at full size).
+The tokenizer gets the `qwen_1_5` training format as its chat template (llava.model.chat_template).
+The image processor outputs the tower config's `image_size` (encoders.conform_image_processor). A
+`pivot_multi_tower` directory (an exported ensemble or wrapped tower) can serve as the vision tower,
+already read at its feature point (Stage 3 transplants).
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from llava.model.chat_template import set_training_chat_template
 from llava.model.encoders import (
     ENCODER_FAMILIES,
     EncoderFamily,
+    conform_image_processor,
     image_processor_for,
     load_vision_tower,
     prepare_tower,
 )
-from llava.model.multi_tower import PivotMultiTower
-from llava.model.presets import resolve_llm, split_ensemble
+from llava.model.multi_tower import PivotMultiTower, PivotMultiTowerConfig, needs_wrapper
+from llava.model.presets import ensemble_preprocessing, resolve_llm, split_ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,12 @@ class ModelConfig:
             raise ValueError(
                 f"mm_vision_select_feature={self.mm_vision_select_feature!r}; choose {SELECT_FEATURES}."
             )
+        if self.mm_vision_select_feature == "cls_patch" and self.image_aspect_ratio != "square":
+            raise ValueError(
+                f"mm_vision_select_feature='cls_patch' works with image_aspect_ratio='square' only: "
+                f"{self.image_aspect_ratio} reassembles tiles into a patch grid (LLaVA-OneVision's "
+                "pack_image_features), which has no place for a CLS token. Use 'patch'."
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {tuple(DTYPES)}.")
 
@@ -96,6 +108,7 @@ class VisionSetup:
     grid: int
     num_prefix_tokens: int  # prefix tokens the HF Llava select strategy must drop (0 or 1)
     image_processor: object
+    tokens_per_image: int  # square images: grid² (+1 for a kept CLS token)
 
 
 def default_attn_implementation(dtype: str | torch.dtype = "bfloat16") -> str:
@@ -110,6 +123,8 @@ def default_attn_implementation(dtype: str | torch.dtype = "bfloat16") -> str:
 def build_vision(cfg: ModelConfig, dtype: torch.dtype) -> VisionSetup:
     """Load the tower(s) and decide how HF Llava reads them (see llava.model.multi_tower)."""
     members = split_ensemble(cfg.vision_tower)
+    if len(members) == 1 and _is_multi_tower(members[0]):
+        return _load_multi_tower(members[0], cfg, dtype)
     loaded = []
     for path in members:
         tower, family, select_layer = load_vision_tower(
@@ -118,20 +133,52 @@ def build_vision(cfg: ModelConfig, dtype: torch.dtype) -> VisionSetup:
         size = _tower_image_size(tower, family)
         loaded.append((tower, family, select_layer, size, family.grid_size(tower.config, size), path))
     tower, family, select_layer, size, grid, path = loaded[0]
-    processor = _load_image_processor(path, family, size)
+    processor = _load_image_processor(path, ensemble_preprocessing(cfg.vision_tower)[0] or family, size)
     prefix = family.num_prefix_tokens(tower.config)
-    keep_cls = cfg.mm_vision_select_feature == "cls_patch"
-    needs_wrapper = len(loaded) > 1 or family.output != "tokens" or prefix > 1 or (keep_cls and prefix != 1)
-    if keep_cls and (len(loaded) > 1 or prefix != 1):
-        raise ValueError(
-            "mm_vision_select_feature='cls_patch' needs a single tower with exactly one CLS token."
-        )
-    if not needs_wrapper:
-        return VisionSetup(tower, family, select_layer, size, grid, 0 if keep_cls else prefix, processor)
+    wrapped = len(loaded) > 1 or needs_wrapper(tower, family)
+    if cfg.mm_vision_select_feature == "cls_patch":
+        if wrapped or prefix != 1:
+            how = (
+                "read through the multi-tower wrapper, which drops prefix tokens"
+                if wrapped
+                else "read directly"
+            )
+            raise ValueError(
+                f"mm_vision_select_feature='cls_patch' needs a single tower with exactly one CLS token that HF "
+                f"Llava reads directly; {cfg.vision_tower} is a {family.name} tower with {prefix} prefix "
+                f"token(s), {how} (ensembles, DINOv2 with registers or after its final norm, ConvNeXt). "
+                "Use 'patch' (for DINOv2 without registers, a non-last mm_vision_select_layer also works)."
+            )
+        return VisionSetup(tower, family, select_layer, size, grid, 0, processor, grid**2 + 1)
+    if not wrapped:
+        return VisionSetup(tower, family, select_layer, size, grid, prefix, processor, grid**2)
     wrapper = PivotMultiTower.from_members(
         [(t, f.name, s, g) for t, f, _, s, g, _ in loaded], grid=cfg.ensemble_grid or grid
     )
-    return VisionSetup(wrapper, None, select_layer, size, wrapper.config.grid, 0, processor)
+    common = wrapper.config.grid
+    return VisionSetup(wrapper, None, select_layer, size, common, 0, processor, common**2)
+
+
+def _is_multi_tower(path: str) -> bool:
+    return transformers.AutoConfig.from_pretrained(path).model_type == PivotMultiTowerConfig.model_type
+
+
+def _load_multi_tower(path: str, cfg: ModelConfig, dtype: torch.dtype) -> VisionSetup:
+    """A saved `PivotMultiTower` (an exported ensemble or wrapped tower), read as it was exported."""
+    if cfg.mm_vision_select_layer not in (None, -1) or cfg.mm_vision_select_feature != "patch":
+        raise ValueError(
+            f"{path} is a multi-tower encoder already read at its feature point: use mm_vision_select_layer "
+            f"-1 and mm_vision_select_feature 'patch' (got {cfg.mm_vision_select_layer}, "
+            f"{cfg.mm_vision_select_feature!r})."
+        )
+    if cfg.from_config_only:
+        tower = PivotMultiTower(PivotMultiTowerConfig.from_pretrained(path)).to(dtype)
+    else:
+        tower = PivotMultiTower.from_pretrained(path, dtype=dtype)
+    size, grid = int(tower.config.image_size), int(tower.config.grid)
+    first = ENCODER_FAMILIES[tower.config.towers[0]["family"]]
+    processor = _load_image_processor(path, first, size)
+    return VisionSetup(tower, None, -1, size, grid, 0, processor, grid**2)
 
 
 def _tower_image_size(tower: PreTrainedModel, family: EncoderFamily) -> int:
@@ -140,11 +187,14 @@ def _tower_image_size(tower: PreTrainedModel, family: EncoderFamily) -> int:
 
 
 def _load_image_processor(path: str, family: EncoderFamily, image_size: int):
+    """The checkpoint's image processor made to agree with the tower (`conform_image_processor`), or the
+    family's defaults (`family` may be a preset's own preprocessing, e.g. MoCo-v3) when it has none."""
     try:
-        return transformers.AutoImageProcessor.from_pretrained(path)
+        processor = transformers.AutoImageProcessor.from_pretrained(path)
     except OSError:
-        logger.info("No image processor config at %s; using the %s family defaults.", path, family.name)
+        logger.info("No image processor config at %s; using the %s defaults.", path, family.name)
         return image_processor_for(family, image_size)
+    return conform_image_processor(processor, family, image_size, path)
 
 
 def ensure_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -164,7 +214,7 @@ def build_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     dtype = DTYPES[cfg.dtype]
     attn_implementation = cfg.attn_implementation or default_attn_implementation(cfg.dtype)
     llm_path = resolve_llm(cfg.llm)
-    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    tokenizer = set_training_chat_template(AutoTokenizer.from_pretrained(llm_path))
     image_token_id = ensure_image_token(tokenizer)
     if cfg.from_config_only:
         llm = AutoModelForCausalLM.from_config(
@@ -198,7 +248,7 @@ def build_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         )
         model_class = transformers.LlavaOnevisionForConditionalGeneration
     else:
-        config = transformers.LlavaConfig(**common, image_seq_length=vision.grid**2)
+        config = transformers.LlavaConfig(**common, image_seq_length=vision.tokens_per_image)
         model_class = transformers.LlavaForConditionalGeneration
     _record_knobs(config, cfg, vision, llm_path)
     image_processor = (
@@ -284,7 +334,7 @@ def load_model(
     model = model_class.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn)
     freeze_unused_vision_parts(model)
     model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = set_training_chat_template(AutoTokenizer.from_pretrained(path))
     image_processor = transformers.AutoImageProcessor.from_pretrained(path)
     return model, tokenizer, image_processor
 
@@ -292,7 +342,7 @@ def load_model(
 def save_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, image_processor, out_dir: str | Path
 ) -> None:
-    """Write a plain HF checkpoint (safetensors) with its tokenizer and image processor."""
+    """Write a plain HF checkpoint (safetensors) with its tokenizer (qwen_1_5 chat template) and image processor."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    set_training_chat_template(tokenizer).save_pretrained(str(out_dir))
     image_processor.save_pretrained(str(out_dir))

@@ -1,14 +1,18 @@
 """Multi-tower vision encoder: Cambrian-style ensembles and towers HF Llava cannot read directly.
 
-HF `LlavaForConditionalGeneration` drops at most one prefix token and expects `[B, N, C]` tokens.
-`PivotMultiTower` wraps one or more registry towers (llava.model.encoders) and returns a single
-token sequence: each member's visual tokens (prefix tokens such as CLS and DINOv2 registers dropped,
-ConvNeXt maps flattened) resampled to a common `grid x grid` and concatenated channel-wise
-(Cambrian-1, Tong et al. 2024, "spatial vision aggregation" baseline: interpolate + concat).
+HF `LlavaForConditionalGeneration` drops at most one prefix token, expects `[B, N, C]` tokens and reads
+`hidden_states[vision_feature_layer]`. `PivotMultiTower` wraps one or more registry towers
+(llava.model.encoders) and returns a single token sequence: each member's visual tokens (prefix tokens
+such as CLS and DINOv2 registers dropped, ConvNeXt maps flattened, DINOv2 read after its final norm,
+which Dinov2Model never puts in `hidden_states`) resampled to a common `grid x grid` and concatenated
+channel-wise (Cambrian-1, Tong et al. 2024, "spatial vision aggregation" baseline: interpolate + concat).
+`needs_wrapper` says which single towers need it. `hidden_states[-1]` is the features; a lone token
+tower (DINOv2 after its final norm or with registers) also returns its earlier layers, prefix dropped,
+so `hidden_states` is laid out as the plain tower's (layer-wise analyses keep working).
 
 The pixel values it receives are normalised for the first member; other members get them
-de-normalised, resized to their own resolution and re-normalised with their own mean/std, so one
-image processor serves the whole ensemble.
+de-normalised, resized to their own resolution (bicubic, antialiased when downsampling) and
+re-normalised with their own mean/std, so one image processor serves the whole ensemble.
 
 Checkpoints have `model_type: pivot_multi_tower`; importing `llava.model` registers the class with
 transformers' Auto classes, which is the one thing plain transformers needs to load them.
@@ -22,7 +26,19 @@ import transformers
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llava.model.encoders import ENCODER_FAMILIES, prepare_tower, tower_features
+from llava.model.encoders import (
+    ENCODER_FAMILIES,
+    EncoderFamily,
+    features_from_output,
+    prepare_tower,
+    reads_final_norm,
+)
+
+
+def needs_wrapper(tower: PreTrainedModel, family: EncoderFamily) -> bool:
+    """Whether HF Llava cannot read this single tower's features directly (module docstring)."""
+    post_norm_hidden = reads_final_norm(tower.config, family) and not family.final_norm_in_hidden_states
+    return family.output != "tokens" or family.num_prefix_tokens(tower.config) > 1 or post_norm_hidden
 
 
 class PivotMultiTowerConfig(PretrainedConfig):
@@ -128,7 +144,10 @@ class PivotMultiTower(PreTrainedModel):
         std_in = pixel_values.new_tensor(self.config.std).view(shape)
         raw = pixel_values * std_in + mean_in
         if size != pixel_values.shape[-1]:
-            raw = F.interpolate(raw, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+            downsampling = size < pixel_values.shape[-1]
+            raw = F.interpolate(
+                raw, size=(size, size), mode="bicubic", align_corners=False, antialias=downsampling
+            ).clamp(0, 1)
         mean = pixel_values.new_tensor(tower["mean"]).view(shape)
         std = pixel_values.new_tensor(tower["std"]).view(shape)
         return (raw - mean) / std
@@ -146,10 +165,16 @@ class PivotMultiTower(PreTrainedModel):
         features = []
         for member, tower in zip(self.members, self.config.towers):
             pixels = self._member_pixels(pixel_values.to(self.dtype), tower)
-            tokens = tower_features(member, pixels, int(tower["num_prefix_tokens"]))
+            output = member(pixels, output_hidden_states=True)
+            tokens = features_from_output(member.config, output, int(tower["num_prefix_tokens"]))
             features.append(self._to_grid(tokens, int(tower["grid"])))
         hidden = torch.cat(features, dim=-1)
-        return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=(hidden,))
+        hidden_states = (hidden,)
+        single = self.config.towers[0] if len(self.members) == 1 else None
+        if single and output.hidden_states[0].dim() == 3 and int(single["grid"]) == self.config.grid:
+            prefix = int(single["num_prefix_tokens"])  # a lone token tower: its earlier layers too
+            hidden_states = (*(h[:, prefix:] for h in output.hidden_states[:-1]), hidden)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden, hidden_states=hidden_states)
 
 
 AutoConfig.register(PivotMultiTowerConfig.model_type, PivotMultiTowerConfig, exist_ok=True)

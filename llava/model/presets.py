@@ -4,12 +4,16 @@
 or a local directory. Anything that is not a preset name (a hub id or a path) passes through
 unchanged, so scripts can name either. Two encoders have no HF-format release and need a local
 converted checkpoint named by an environment variable. Ensembles are written "A+B" (each part a
-preset, hub id or path).
+preset, hub id or path). Presets whose checkpoint's `model_type` does not identify their preprocessing
+(MoCo-v3 converted to the HF ViT layout) name it in `PRESET_PREPROCESSING`, used when the converted
+directory has no preprocessor_config.json.
 """
 
 from __future__ import annotations
 
 import os
+
+from llava.model.encoders import MOCO_V3_PREPROCESSING, EncoderFamily
 
 LLM_PRESETS: dict[str, str] = {
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
@@ -40,6 +44,8 @@ LOCAL_VISION_PRESETS: dict[str, tuple[str, str]] = {
     ),
 }
 
+PRESET_PREPROCESSING: dict[str, EncoderFamily] = {"moco-v3-b16": MOCO_V3_PREPROCESSING}
+
 ENSEMBLE_SEPARATOR = "+"
 
 
@@ -64,6 +70,15 @@ def resolve_vision_tower(name: str) -> str:
     return name
 
 
+def _parts(name: str) -> list[str]:
+    return [part.strip() for part in name.split(ENSEMBLE_SEPARATOR) if part.strip()]
+
+
 def split_ensemble(name: str) -> list[str]:
     """The resolved members of an "A+B" ensemble name (one member for a single tower)."""
-    return [resolve_vision_tower(part.strip()) for part in name.split(ENSEMBLE_SEPARATOR) if part.strip()]
+    return [resolve_vision_tower(part) for part in _parts(name)]
+
+
+def ensemble_preprocessing(name: str) -> list[EncoderFamily | None]:
+    """Per member of `name`, the preset's own preprocessing (`PRESET_PREPROCESSING`) or None."""
+    return [PRESET_PREPROCESSING.get(part.lower()) for part in _parts(name)]

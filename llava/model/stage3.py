@@ -26,8 +26,10 @@ copied from Stage 2 and frozen.) Design choices, since HF's `LlavaMultiModalProj
   reference code also trained the LLM in its "projector-only" step and did not freeze reused layers.
 
 Knobs recorded in config.json: `pivot_projector_reuse_layers`, `pivot_projector_dims` ([in, out] per
-linear layer) and `pivot_stage3_source`. Only single registry towers can be transplanted; multi-tower
-ensembles (`requires_import` in export.json) are refused with an error.
+linear layer) and `pivot_stage3_source`. Multi-tower encoders (`requires_import` in export.json:
+ensembles, DINOv2 with registers or read after its final norm, ConvNeXt) are transplanted as the
+`pivot_multi_tower` they were exported as. An encoder exported with its CLS token kept
+(`mm_vision_select_feature` cls_patch) can only feed a square model.
 """
 
 from __future__ import annotations
@@ -41,7 +43,14 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from llava.export import PROJECTOR_PREFIXES, export_checkpoint, load_projector, read_export, read_tensors
+from llava.export import (
+    MULTI_TOWER_TYPE,
+    PROJECTOR_PREFIXES,
+    export_checkpoint,
+    load_projector,
+    read_export,
+    read_tensors,
+)
 from llava.model.builder import (
     ASPECT_RATIOS,
     DTYPES,
@@ -49,6 +58,7 @@ from llava.model.builder import (
     build_model,
     freeze_unused_vision_parts,
 )
+from llava.model.chat_template import set_training_chat_template
 from llava.model.encoders import family_for_config
 from llava.train.param_groups import TUNABLE_PARTS, part_of
 
@@ -138,19 +148,29 @@ def resolve_source(source: str | Path, work_dir: str | Path) -> Path:
     )
 
 
-def _select_feature(export_dir: Path, meta: dict) -> str:
+def _select_feature(export_dir: Path, meta: dict, image_aspect_ratio: str) -> str:
     """The builder's `mm_vision_select_feature` that drops the export's `num_prefix_tokens`."""
-    if meta.get("requires_import"):
-        raise ValueError(
-            f"{export_dir}: a {meta['encoder_family']} multi-tower encoder cannot be transplanted in Stage 3 "
-            "(only single registry towers)."
-        )
-    tower_config = transformers.AutoConfig.from_pretrained(str(export_dir / "vision_encoder"))
-    prefix = family_for_config(tower_config).num_prefix_tokens(tower_config)
     wanted = int(meta["num_prefix_tokens"])
+    tower_config = transformers.AutoConfig.from_pretrained(str(export_dir / "vision_encoder"))
+    if tower_config.model_type == MULTI_TOWER_TYPE:  # the wrapper drops every prefix token itself
+        prefix = 0
+    else:
+        family = family_for_config(tower_config)
+        if family.final_norm is not None and getattr(tower_config, "tie_last_hidden_states", None) is None:
+            raise ValueError(
+                f"{export_dir}: this {family.name} export does not say whether its features follow the final "
+                f"{family.final_norm} (no tie_last_hidden_states in vision_encoder/config.json; it predates "
+                "that record). Re-export the Stage-2 checkpoint with `python -m llava.export`."
+            )
+        prefix = family.num_prefix_tokens(tower_config)
     if wanted == prefix:
         return "patch"
     if wanted == 0 and prefix == 1:
+        if image_aspect_ratio != "square":
+            raise ValueError(
+                f"{export_dir}: the Stage-2 model kept the CLS token (mm_vision_select_feature cls_patch), which "
+                f"image_aspect_ratio={image_aspect_ratio!r} cannot tile; build the Stage-3 model with 'square'."
+            )
         return "cls_patch"
     raise ValueError(f"{export_dir}: num_prefix_tokens={wanted} but the tower has {prefix} prefix token(s).")
 
@@ -169,7 +189,7 @@ def build_stage3_model(
             llm=cfg.llm,
             vision_tower=str(export_dir / "vision_encoder"),
             mm_vision_select_layer=-1,  # the export is already truncated to the layer the projector reads
-            mm_vision_select_feature=_select_feature(export_dir, meta),
+            mm_vision_select_feature=_select_feature(export_dir, meta, cfg.image_aspect_ratio),
             image_aspect_ratio=cfg.image_aspect_ratio,
             dtype=cfg.dtype,
             attn_implementation=cfg.attn_implementation,
@@ -257,7 +277,7 @@ def load_stage3_model(
     freeze_unused_vision_parts(model)
     freeze_stage3(model, ("mm_mlp_adapter", "mm_language_model"))
     model.config.use_cache = False
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    tokenizer = set_training_chat_template(transformers.AutoTokenizer.from_pretrained(str(path)))
     image_processor = transformers.AutoImageProcessor.from_pretrained(str(path))
     return model, tokenizer, image_processor
 

@@ -10,8 +10,8 @@ what matters from Qwen2.5's tokenizer:
 - special tokens `<|endoftext|>` (pad), `<|im_start|>`, `<|im_end|>` (eos) and LLaVA's `<image>`
   placeholder (exposed as `tokenizer.image_token` / `tokenizer.image_token_id`, which transformers'
   Llava processors read);
-- `model_max_length` 2048, right padding, and a ChatML `chat_template` with the default system prompt
-  "You are a helpful assistant." (the `qwen_1_5` template of `llava/data/templates.py`).
+- `model_max_length` 2048, right padding, and the `qwen_1_5` training format as `chat_template`
+  (`llava.model.chat_template`, the one every checkpoint carries).
 
 Special tokens take ids 0..3 in the order of `SPECIAL_TOKENS`. Training is deterministic: the same call
 returns the same vocabulary and merges in every process. If the corpus runs out of merges the vocabulary
@@ -25,6 +25,8 @@ import itertools
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from llava.model.chat_template import QWEN_1_5_CHAT_TEMPLATE
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
 IM_END_TOKEN = "<|im_end|>"
@@ -33,25 +35,6 @@ SPECIAL_TOKENS = (PAD_TOKEN, IM_START_TOKEN, IM_END_TOKEN, IMAGE_TOKEN)
 MODEL_MAX_LENGTH = 2048
 
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-
-# ChatML as in Qwen2.5-Instruct, with LLaVA-style content lists: image parts render as "<image>\n"
-# before the text, matching the records' "<image>\n<question>" convention. No whitespace between tags,
-# so no Jinja whitespace control is needed.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
-    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink", "brown")
 SHAPES = ("circle", "square", "triangle", "star", "rectangle", "diamond", "cross", "ring")
@@ -179,5 +162,5 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = QWEN_1_5_CHAT_TEMPLATE
     return tokenizer
