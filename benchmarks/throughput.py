@@ -4,8 +4,11 @@ Issue 9's benchmark. Each configuration is a Qwen2.5 LLM + SigLIP2 tower built f
 configs (`llava.model.paper_configs`), trained for a few optimizer steps by the real `PivotTrainer`
 on synthetic samples of one 384² image (576 image tokens) + `--prompt_tokens` + `--response_tokens`
 text tokens (DPO: a chosen and a rejected response of that length). Everything trains (Stage 2: vision
-tower, projector, LLM), AdamW, gradient checkpointing on; bf16 on a GPU, fp32 on the CPU; DPO uses the
-shared image encoding and a precomputed reference (`--reference live` adds the frozen-copy forward).
+tower, projector, LLM), AdamW, gradient checkpointing on; on a GPU `--bf16` without DeepSpeed exactly as
+`llava.train.train` runs it (the same `PivotTrainingArguments.weights_dtype`/`autocast_dtype`: fp32
+weights, gradients and optimizer states, bf16 autocast), fp32 on the CPU; DPO uses the shared image
+encoding and a precomputed reference, scored under the same autocast (`--reference live` adds the
+frozen-copy forward).
 
 Reported per configuration and loss: samples/s and tokens/s (median step time after `--warmup`
 untimed steps; tokens = every token of every sequence, both sides of a DPO pair, as the trainer logs),
@@ -198,7 +201,15 @@ class RunSpec:
         return f"{name(self.llm)} + {name(self.vision)}"
 
 
-def synthetic_items(spec: RunSpec, model_config, vocab: int, count: int) -> list[dict[str, Any]]:
+class SyntheticItems(list):
+    """Dataset items with the `ids` list that `PivotTrainer`'s `MatchedSampler` orders samples by."""
+
+    @property
+    def ids(self) -> list[str]:
+        return [item["id"] for item in self]
+
+
+def synthetic_items(spec: RunSpec, model_config, vocab: int, count: int) -> SyntheticItems:
     """Dataset items (docs/CONTRACTS.md §3) with random text ids around one random 384² image."""
     import torch
 
@@ -225,7 +236,7 @@ def synthetic_items(spec: RunSpec, model_config, vocab: int, count: int) -> list
             item[f"{side}input_ids"] = torch.cat([prompt, response])
             item[f"{side}labels"] = torch.cat([torch.full((len(prompt),), -100), response])
         items.append(item)
-    return items
+    return SyntheticItems(items)
 
 
 def _resolve_device(name: str) -> str:
@@ -252,21 +263,6 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
     device = _resolve_device(spec.device)
     cuda = device.startswith("cuda")
     transformers.set_seed(spec.seed)
-    with torch.device(device):  # initialise the random weights where they will train
-        model, tokenizer, _ = build_model_from_configs(
-            spec.llm, spec.vision, dtype="bfloat16" if cuda else "float32"
-        )
-    set_trainable_parts(model, TUNABLE_PARTS)
-    shape = SampleShape(int(model.config.image_seq_length), spec.prompt_tokens, spec.response_tokens)
-    items = synthetic_items(spec, model.config, len(tokenizer), spec.batch_size * (spec.warmup + spec.steps))
-    collator = DataCollator(tokenizer.pad_token_id)
-    precomputed = spec.loss_type == "dpo" and spec.reference == "precomputed"
-    ref_logps = (
-        compute_reference_logps(model, items, collator, spec.batch_size, device) if precomputed else None
-    )
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     step_times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -303,6 +299,25 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
             use_cpu=not cuda,
             seed=spec.seed,
         )
+        with torch.device(device):  # initialise the random weights where they will train
+            model, tokenizer, _ = build_model_from_configs(spec.llm, spec.vision, dtype=args.weights_dtype)
+        set_trainable_parts(model, TUNABLE_PARTS)
+        shape = SampleShape(int(model.config.image_seq_length), spec.prompt_tokens, spec.response_tokens)
+        items = synthetic_items(
+            spec, model.config, len(tokenizer), spec.batch_size * (spec.warmup + spec.steps)
+        )
+        collator = DataCollator(tokenizer.pad_token_id)
+        precomputed = spec.loss_type == "dpo" and spec.reference == "precomputed"
+        ref_logps = (
+            compute_reference_logps(
+                model, items, collator, spec.batch_size, device, autocast_dtype=args.autocast_dtype
+            )
+            if precomputed
+            else None
+        )
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         trainer = PivotTrainer(
             model=model,
             args=args,
@@ -323,7 +338,8 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
         **{k: v for k, v in asdict(spec).items() if k not in ("llm", "vision")},
         "model": spec.label,
         "device_name": device_name,
-        "dtype": "bfloat16" if cuda else "float32",
+        "dtype": f"{args.weights_dtype} weights"
+        + (f", {str(args.autocast_dtype).removeprefix('torch.')} autocast" if args.autocast_dtype else ""),
         "sizes": describe(model),
         "seq_len": shape.seq_len,
         "image_tokens": shape.image_tokens,

@@ -4,6 +4,10 @@ tests/train_fixtures.py.
 - 2 processes × batch 2 equal 1 process × batch 2 × accumulation 2, for SFT and DPO: every logged
   number (loss, grad norm, LR, reduced metrics), the final weights, and `sample_order.jsonl`; the matched
   sample order is also the same for SFT and DPO across ranks.
+- A 2-process run resumed inside epoch 2 logs the same `sample_order.jsonl` as the uninterrupted run
+  (accelerate's resume wrappers hide the sampler from every `set_epoch` call but the trainer's own).
+- Reference log-probs on two nodes (one process each, both LOCAL_RANK 0): only global rank 0 scores
+  and writes the cache, the other node waits and reads it.
 - The launch logic of scripts/train/common.sh (torchrun / DeepSpeed launcher commands, NCCL defaults,
   gradient accumulation) with a stub interpreter, its torchrun flags checked by torchrun's own parser.
 - Parameter groups under a ZeRO config. transformers 5.23 (`integrations/deepspeed.py`,
@@ -24,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,7 +41,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_trainer, run_main, train_argv
 
 from llava.train.param_groups import build_param_groups
-from llava.train.sampling import read_sample_order
+from llava.train.sampling import SAMPLE_ORDER_FILE, read_sample_order
 
 train_data = train_fixtures.train_data  # the session fixture, shared through a module cache
 
@@ -136,6 +141,77 @@ def test_matched_sample_order_holds_across_ranks(paired_runs, train_data):
     ids = [i for row in sft for i in row["ids"]]
     assert [len(row["ids"]) for row in sft] == [4, 4, 4], "each step logs both ranks' samples"
     assert sorted(ids) == sorted(train_data.ids), "every sample exactly once per epoch, none lost or repeated"
+
+
+@pytest.mark.slow
+def test_two_process_resume_inside_epoch_two_keeps_the_epoch_order(train_data, tmp_path):
+    # 8 pairs, 2 processes × batch 2: 2 steps per epoch, 4 in all; checkpoint-3 is one step into epoch 2.
+    data = train_data.subset(8, tmp_path / "data")
+    flags = {"max_steps": -1, "num_train_epochs": 2, "save_strategy": "steps", "save_steps": 3}
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    argv = lambda out: [*train_argv(data, out, "sft", export_encoder=False, **flags), "--ddp_backend=gloo"]  # noqa: E731
+    torchrun(argv(full), nproc=2)
+    expected = read_sample_order(full)
+    assert [row["step"] for row in expected] == [1, 2, 3, 4]
+    assert expected[3]["ids"] != expected[1]["ids"], "replaying epoch 1 at step 4 must be detectable"
+
+    # The run as it was when checkpoint-3 was written (steps 1-3 marked, stale step 4 to be re-logged).
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    rows = [{**row, "marker": True} for row in expected[:3]] + [{**expected[3], "ids": ["stale"]}]
+    (resumed / SAMPLE_ORDER_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    torchrun(argv(resumed), nproc=2)  # same OUTPUT_DIR: auto-resumes from checkpoint-3
+    order = read_sample_order(resumed)
+    assert [row.get("marker", False) for row in order] == [True, True, True, False], "resumed at step 3"
+    assert [{k: v for k, v in row.items() if k != "marker"} for row in order] == expected
+
+
+TWO_NODES_SCRIPT = """
+import json, sys, time
+import torch
+import llava.train.train as train
+from llava.train.args import PivotTrainingArguments
+
+out = sys.argv[1]
+args = PivotTrainingArguments(output_dir=out, loss_type="dpo", use_cpu=True, ddp_backend="gloo", report_to="none")
+
+def scoring(model, dataset, *rest):  # stands in for the reference model's pass over the data
+    open(f"{out}/scored_by_{args.process_index}", "w").close()
+    time.sleep(1.0)
+    return {i: (-1.0 - args.process_index, -2.0) for i in dataset.ids}
+
+class Records:
+    ids = ["a", "b"]
+
+train.compute_reference_logps = scoring
+logps = train.reference_logps(torch.nn.Linear(1, 1), Records(), None, args, {"run": "two nodes"})
+result = {"local_process_index": args.local_process_index, "world_size": args.world_size, "logps": logps}
+(open(f"{out}/result_{args.process_index}.json", "w")).write(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_reference_logps_are_scored_once_across_nodes(tmp_path):
+    script = tmp_path / "two_nodes.py"
+    script.write_text(TWO_NODES_SCRIPT)
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):  # two nodes of one process each: both are their node's local main process
+        env = {
+            **os.environ,
+            **{"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
+            **{"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"},
+        }
+        cmd = [sys.executable, str(script), str(tmp_path)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0].decode()
+        assert proc.returncode == 0, output[-3000:]
+    results = [json.loads((tmp_path / f"result_{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["local_process_index"], r["world_size"]) for r in results] == [(0, 2), (0, 2)]
+    assert sorted(p.name for p in tmp_path.glob("scored_by_*")) == ["scored_by_0"]
+    assert results[0]["logps"] == results[1]["logps"] == {"a": [-1.0, -2.0], "b": [-1.0, -2.0]}
 
 
 # ---- launch logic of scripts/train/common.sh ---------------------------------------------------------

@@ -2,7 +2,9 @@
 
 References are plain-`math` transcriptions of the papers' formulas (DPO: Rafailov et al. 2023 Eq. 7;
 IPO: Azar et al. 2023 Eq. 17 with per-token-mean log ratios as in TRL; hinge: SLiC-HF; MPO:
-InternVL-MPO's 0.8·DPO + 0.2·BCO-pair + 1.0·SFT with the in-batch mean reward as δ; SFT: token-mean NLL).
+InternVL-MPO's 0.8·DPO + 0.2·BCO-pair + 1.0·SFT with the in-batch mean reward as δ and the SFT term the
+token-weighted NLL over all chosen tokens of the batch, as InternVL's CrossEntropyLoss; SFT: per-sample
+token-mean NLL).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def ref_mpo(i: int, beta: float) -> dict[str, float]:
     delta = sum(rewards_chosen + rewards_rejected) / (len(rewards_chosen) + len(rewards_rejected))
     bco = -_log_sigmoid(rewards_chosen[i] - delta) - _log_sigmoid(-(rewards_rejected[i] - delta))
     dpo = ref_dpo(i, beta)["dpo"]
-    sft = ref_sft(i, beta)["sft"]
+    sft = -sum(POLICY_CHOSEN) / sum(CHOSEN_TOKENS)  # one number for the batch: 13 nats over 7 tokens
     return {"total": 0.8 * dpo + 0.2 * bco + 1.0 * sft, "dpo": dpo, "bco_pair": bco, "sft": sft}
 
 
@@ -100,6 +102,13 @@ def test_hinge_is_zero_beyond_the_margin():
     # logits of sample 0 are 1.5 (> 1/β = 1 for β = 1): the hinge is inactive there, active for sample 1.
     loss, _ = LOSSES["hinge"](_stats(), LossConfig(beta=1.0))
     assert loss[0].item() == 0.0 and loss[1].item() > 0.0
+
+
+def test_mpo_generation_term_is_token_weighted_over_the_batch():
+    # 3 + 10 nats over 2 + 5 tokens: 13/7 ≈ 1.857, not the mean of the per-sample means (1.5 + 2.0) / 2.
+    loss, parts = LOSSES["mpo"](_stats(), LossConfig(mpo_weights=(0.0, 0.0, 1.0)))
+    assert loss.mean().item() == pytest.approx(13 / 7)
+    assert parts["sft"].mean().item() == pytest.approx(13 / 7)
 
 
 def test_mpo_weights_are_configurable():

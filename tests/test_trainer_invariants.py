@@ -1,5 +1,7 @@
-"""Invariants of the one Stage-2 trainer (llava/train): matched samples, shared image encoding,
-per-module learning rates, batch 4×1 == 1×4 with accumulation, and every registered loss end to end.
+"""Invariants of the one Stage-2 trainer (llava/train): matched samples (an order that follows the
+sample ids, so runs whose record sets differ still share the order of the ids they share), shared image
+encoding, per-module learning rates, batch 4×1 == 1×4 with accumulation, every registered loss end to
+end (MPO's generation term against the model's own token-mean loss), and `--bf16` keeping fp32 weights.
 
 Runs use the tiny presets and 12 MMPR pairs from the synthetic world (tests/train_fixtures.py).
 """
@@ -7,6 +9,7 @@ Runs use the tiny presets and 12 MMPR pairs from the synthetic world (tests/trai
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -17,7 +20,7 @@ from train_fixtures import build_components, make_trainer, max_abs_diff, run_mai
 from llava.train.logps import pair_logps
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats
 from llava.train.param_groups import check_deepspeed_config
-from llava.train.sampling import MatchedSampler, read_sample_order
+from llava.train.sampling import MatchedSampler, matched_order, read_sample_order
 
 train_data = train_fixtures.train_data  # the session fixture, shared through a module cache
 
@@ -46,12 +49,87 @@ def test_sft_and_dpo_consume_identical_ids_in_identical_order(train_data, tmp_pa
     assert sorted(first) == sorted(data.ids) == sorted(second), "every id once per epoch"
     assert first != second, "the sampler reshuffles per epoch"
     assert first != list(data.ids), "the order is shuffled"
-    sampler = MatchedSampler(n, seed=0)
+    sampler = MatchedSampler(data.ids, seed=0)
     expected = []
     for epoch in range(2):
         sampler.set_epoch(epoch)
         expected += [data.ids[i] for i in sampler]
     assert flat == expected, "the trainer must draw batches from MatchedSampler"
+
+
+IDS = [f"mmpr_{kind}/{line}" for kind in ("a", "b") for line in range(30)]
+
+
+def _ordered(ids: list[str], seed: int = 0, epoch: int = 0) -> list[str]:
+    return [ids[i] for i in matched_order(ids, seed, epoch)]
+
+
+def test_matched_order_is_a_seeded_per_epoch_shuffle():
+    orders = {(seed, epoch): _ordered(IDS, seed, epoch) for seed in (0, 1) for epoch in (0, 1)}
+    assert all(sorted(order) == sorted(IDS) for order in orders.values()), "a permutation of the samples"
+    assert len({tuple(order) for order in orders.values()}) == 4, "seed and epoch each change the order"
+    assert orders[0, 0] != IDS
+    assert _ordered(IDS, 0, 1) == orders[0, 1], "deterministic"
+
+
+def test_matched_order_follows_the_ids_not_their_positions():
+    reversed_ids = IDS[::-1]
+    for epoch in (0, 1):
+        assert _ordered(reversed_ids, epoch=epoch) == _ordered(IDS, epoch=epoch)
+
+
+def test_dropping_records_keeps_the_relative_order_of_the_shared_ids():
+    # e.g. --skip_invalid dropped, in the DPO run only, pairs whose rejected reply is too long.
+    dropped = {IDS[3], IDS[17], IDS[40]}
+    kept = [i for i in IDS if i not in dropped]
+    for epoch in (0, 1, 2):
+        assert _ordered(kept, epoch=epoch) == [i for i in _ordered(IDS, epoch=epoch) if i not in dropped]
+
+
+def test_duplicate_ids_are_shuffled_apart():
+    ids = IDS + IDS[:10]  # a mixture may list a record twice
+    order = matched_order(ids, 0, 0)
+    assert sorted(order) == list(range(len(ids)))
+    positions = {n: order.index(n) for n in range(len(ids))}
+    gaps = [abs(positions[n] - positions[n + len(IDS)]) for n in range(10)]
+    assert max(gaps) > 1, "copies of one id must not always be drawn back to back"
+
+
+def test_trainer_samples_by_id(train_data, tmp_path):
+    trainer = make_trainer(train_data, tmp_path, loss_type="sft")
+    sampler = trainer._get_train_sampler()
+    assert sampler is trainer.matched_sampler and sampler.ids == list(train_data.ids)
+    trainer.train_dataset.records.reverse()
+    assert [trainer.train_dataset.ids[i] for i in trainer._get_train_sampler()] == [
+        train_data.ids[i] for i in sampler
+    ]
+
+
+def test_skip_invalid_warns_that_the_other_run_must_skip_the_same_ids(train_data, tmp_path, caplog):
+    from llava.model.builder import ModelConfig, build_model
+    from llava.train.args import DataArguments, PivotTrainingArguments
+    from llava.train.train import build_dataset
+
+    _, tokenizer, image_processor = build_model(
+        ModelConfig(llm=str(train_data.llm), vision_tower=str(train_data.vision_tower))
+    )
+    records = train_data.records("dpo")[:4]
+    victim = records[1]["id"]
+    records[1] = {**records[1], "rejected": " ".join(["a very long rejected answer"] * 400)}
+    (tmp_path / "dpo.json").write_text(json.dumps(records))
+    data_args = DataArguments(
+        data_path=str(tmp_path / "dpo.json"),
+        image_folder=str(train_data.world),
+        model_max_length=1024,
+        skip_invalid=True,
+    )
+    train_args = PivotTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    config = build_components(train_data)[0].config
+    with caplog.at_level(logging.WARNING, logger="llava.train.train"):
+        dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
+    assert dataset.ids == [r["id"] for r in records if r["id"] != victim]
+    warnings = [r.getMessage() for r in caplog.records if "must skip the same ids" in r.getMessage()]
+    assert len(warnings) == 1 and "dropped 1 invalid record" in warnings[0]
 
 
 # ---- 3. shared image encoding -----------------------------------------------------------------
@@ -319,6 +397,35 @@ def test_sft_loss_matches_the_models_own_causal_lm_loss(train_data, tmp_path):
     torch.testing.assert_close(eval_loss, reference)
     torch.testing.assert_close(step_loss, reference / 4)
     torch.testing.assert_close(fallback, reference / 2)
+
+
+def test_mpo_generation_term_matches_the_models_own_causal_lm_loss(train_data, tmp_path):
+    # InternVL's MPO generation term is one CrossEntropyLoss over every chosen token of the micro-batch,
+    # which is what HF's LlavaForConditionalGeneration computes from the chosen side's labels.
+    trainer = make_trainer(train_data, tmp_path, loss_type="mpo", mpo_weights="0,0,1")
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert len(set((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())) > 1, "want replies of mixed lengths"
+    inputs = {
+        k: v for k, v in batch.items() if k not in ("sample_ids", "image_sizes") and "rejected" not in k
+    }
+    with torch.no_grad():
+        model.eval()
+        reference = model(**inputs).loss
+        loss = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(loss, reference)
+
+
+def test_bf16_without_deepspeed_trains_fp32_weights(train_data, tmp_path):
+    # HF's AdamW updates parameters in place: bf16 weights (~0.02) would drop most 1e-6 updates.
+    argv = train_argv(train_data, tmp_path, "sft", max_steps=1, bf16=True, learning_rate=1e-6)
+    trainer = run_main(argv)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    initial = weights(build_components(train_data, "sft")[0])
+    final = weights(trainer.model)
+    llm = [n for n in final if ".language_model." in n and final[n].ndim == 2]
+    changed = sum(int((final[n] != initial[n]).sum()) for n in llm) / sum(final[n].numel() for n in llm)
+    assert changed > 0.9, f"only {changed:.2f} of the LLM weights moved"
 
 
 def test_evaluation_loss_is_not_scaled_by_accumulation(train_data, tmp_path):

@@ -204,6 +204,59 @@ def test_skip_invalid_skips_a_missing_image(train_data, tmp_path):
     assert seen and not seen & set(reasons)
 
 
+def test_skip_invalid_removes_records_by_position_not_by_id(tmp_path):
+    """Mixtures may repeat ids: only the invalid record goes, and skipped_records.jsonl lists exactly it."""
+    from data_fixtures import tiny_tokenizer
+
+    from llava.data.dataset import MultimodalDataset
+    from llava.data.mixture import load_records
+    from llava.train.train import SKIPPED_FILE, handle_invalid
+
+    def record(record_id: str, reply: str) -> dict:
+        return {
+            "id": record_id,
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": reply}],
+        }
+
+    long_reply = "red " * 100
+    files = {
+        "a": [record("1", "Hello there."), record("1", long_reply), record("2", "Fine.")],
+        "b": [record("2", long_reply)],
+        "c": [{"id": "1"}],  # fails parsing: never enters the dataset
+    }
+    for name, records in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(records))
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text("datasets:\n" + "".join(f"- json_path: {name}.json\n" for name in files))
+    path = {name: str(tmp_path / f"{name}.json") for name in files}
+
+    def load() -> tuple[MultimodalDataset, list[RecordError]]:
+        parse_errors: list[RecordError] = []
+        records = load_records(str(mixture), None, "conversation", errors=parse_errors)
+        return MultimodalDataset(
+            records, tiny_tokenizer(), None, "qwen_1_5", lambda h, w: 1, 50
+        ), parse_errors
+
+    dataset, parse_errors = load()
+    invalid = dataset.invalid_records()
+    assert [(position, error.record_id) for position, error in invalid] == [(1, "1"), (3, "2")]
+    with pytest.raises(RecordError, match="3 invalid record"):
+        handle_invalid(dataset, parse_errors, invalid, False, str(tmp_path / "unused"))
+    assert len(dataset) == 4 and not (tmp_path / "unused").exists()
+
+    handle_invalid(dataset, parse_errors, invalid, True, str(tmp_path / "out"))
+    kept = [(record.source, record.id, record.turns[0][1]) for record in dataset.records]
+    assert kept == [(path["a"], "1", "Hello there."), (path["a"], "2", "Fine.")]
+    skipped = [json.loads(line) for line in (tmp_path / "out" / SKIPPED_FILE).read_text().splitlines()]
+    assert [(row["file"], row["id"], row.get("position")) for row in skipped] == [
+        (path["c"], "1", None),
+        (path["a"], "1", 1),
+        (path["b"], "2", 3),
+    ]
+    assert "missing key 'conversations'" in skipped[0]["reason"]
+    assert all("model_max_length 50" in row["reason"] for row in skipped[1:])
+
+
 def test_reference_cache_made_for_another_run_is_refused(train_data, tmp_path):
     out = tmp_path / "out"
     run_main(train_argv(train_data, out, "dpo", max_steps=1))

@@ -3,17 +3,31 @@
 Three dataclasses parsed by `HfArgumentParser`: what model to start from, what data to read, and how
 to train (HF `TrainingArguments` plus the loss, reference and per-module learning-rate options).
 Defaults are the paper's Stage-2 DPO recipe where one applies (DESIGN §4).
+
+`PivotTrainingArguments` refuses or flags HF/PIVOT options this trainer would otherwise accept and
+ignore (`check_unused_options`), and decides the precision the model is loaded in:
+- `--bf16` without DeepSpeed: fp32 weights, bf16 autocast (`weights_dtype`, `autocast_dtype`). HF's
+  AdamW updates the parameters in place, so bf16 weights would have no fp32 master copy and most
+  updates at Stage-2 learning rates (1e-6..1e-5 on weights ~0.02, below half a bf16 ulp) would round away.
+- `--bf16` with DeepSpeed: bf16 weights. The engine casts the module to bf16 itself
+  (`DeepSpeedEngine._configure_distributed_model`) and its ZeRO/BF16 optimizers keep fp32 master
+  copies of the partitions they update; transformers fills the config's `bf16.enabled` from `--bf16`
+  (`integrations/deepspeed.py`, `HfTrainerDeepSpeedConfig.trainer_config_process`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
 
+import torch
 import transformers
 
 from llava.model.stage3 import REUSE_CHOICES
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts
+
+logger = logging.getLogger(__name__)
 
 REFERENCE_MODES = ("precomputed", "live", "none")
 
@@ -174,7 +188,50 @@ class PivotTrainingArguments(transformers.TrainingArguments):
         weights = [float(w) for w in self.mpo_weights.split(",")]
         if len(weights) != 3:
             raise ValueError(f"--mpo_weights needs three comma-separated numbers, got {self.mpo_weights!r}.")
+        self.check_unused_options()
         self.remove_unused_columns = False
+
+    def check_unused_options(self) -> None:
+        """Refuse options that would change nothing but look as if they changed the loss; warn about the
+        harmless ones (a launcher may pass one set of flags to every loss type)."""
+        if self.label_smoothing_factor:
+            raise ValueError(
+                f"--label_smoothing_factor {self.label_smoothing_factor} is not supported: every loss of "
+                "llava.train.losses computes its own log-probabilities and ignores HF's label smoother. Drop it."
+            )
+        if self.train_sampling_strategy != "random":  # transformers 5 spells --group_by_length this way
+            logger.warning(
+                "--train_sampling_strategy %s is ignored: every run draws its samples from MatchedSampler "
+                "(llava.train.sampling), so SFT and preference runs see the same samples in the same order.",
+                self.train_sampling_strategy,
+            )
+        loss_options = ("dpo_alpha", "gamma", "beta", "mpo_weights")
+        changed = {
+            f.name for f in fields(self) if f.name in loss_options and getattr(self, f.name) != f.default
+        }
+        if self.loss_type == "sft" and {"dpo_alpha", "gamma"} & changed:
+            raise ValueError(
+                f"--loss_type sft with --dpo_alpha {self.dpo_alpha} --gamma {self.gamma}: these weight the "
+                "preference loss and the SFT term added to it, and a plain SFT run has neither. Drop them, or "
+                "use a preference --loss_type (e.g. dpo with --gamma for DPO + SFT)."
+            )
+        ignored = ["beta"] if self.loss_type == "sft" and "beta" in changed else []
+        ignored += ["mpo_weights"] if self.loss_type != "mpo" and "mpo_weights" in changed else []
+        if ignored:
+            flags = ", ".join(f"--{name} {getattr(self, name)}" for name in ignored)
+            logger.warning("%s: ignored by --loss_type %s (it has no such term).", flags, self.loss_type)
+
+    @property
+    def weights_dtype(self) -> str:
+        """dtype to build or load the model in: bf16 only under DeepSpeed (see the module docstring)."""
+        return "bfloat16" if self.bf16 and self.deepspeed else "float32"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the Trainer autocasts to (native AMP without DeepSpeed), or None."""
+        if self.deepspeed:
+            return None
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else None
 
     @property
     def mpo_weight_tuple(self) -> tuple[float, float, float]:

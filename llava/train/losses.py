@@ -1,10 +1,11 @@
 """Loss registry for the one Stage-2 trainer: SFT and the preference losses (DPO, IPO, hinge, MPO).
 
 Every loss takes a `PairStats` (per-sample log-probabilities of the chosen/rejected responses under
-the policy and the reference, token counts, and the chosen NLL summed over tokens) and returns
-`(per-sample loss [B], parts)` where `parts` maps a name ("dpo", "sft", ...) to its per-sample
-value, for logging. The trainer adds the optional SFT term `gamma * NLL(chosen)` to any preference
-loss (PIVOT/LLaVA-NeXT's `dpo_alpha`, `gamma`). Adding a loss is one function and one entry in `LOSSES`.
+the policy and the reference, and token counts) and returns `(per-sample loss [B], parts)` where
+`parts` maps a name ("dpo", "sft", ...) to its per-sample value, for logging; the trainer optimises
+the mean over the micro-batch. The trainer adds the optional SFT term `gamma * NLL(chosen)` to any
+preference loss (PIVOT/LLaVA-NeXT's `dpo_alpha`, `gamma`; the per-sample token-mean NLL averaged over
+pairs, as LLaVA-NeXT). Adding a loss is one function and one entry in `LOSSES`.
 
 Notation: `logits = (log πθ(y_w|x) - log πθ(y_l|x)) - (log πref(y_w|x) - log πref(y_l|x))` with
 sequence log-probabilities summed over response tokens.
@@ -34,6 +35,11 @@ class PairStats:
     def chosen_nll(self) -> torch.Tensor:
         """Mean negative log-likelihood per chosen token, per sample."""
         return -self.policy_chosen / self.chosen_tokens.clamp(min=1)
+
+    @property
+    def batch_chosen_nll(self) -> torch.Tensor:
+        """Mean negative log-likelihood per chosen token over the whole batch (token-weighted), a scalar."""
+        return -self.policy_chosen.sum() / self.chosen_tokens.sum().clamp(min=1)
 
     def require_pairs(self, loss_type: str) -> None:
         missing = [
@@ -99,13 +105,15 @@ def hinge_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[st
 
 
 def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
-    """BCO (Jung et al. 2024, Eq. 9) on pairs: -log σ(r_w - δ) - log σ(-(r_l - δ)).
+    """BCO (Jung et al. 2024, Eq. 9) on pairs: -log σ(r_w - δ) - log σ(-(r_l - δ)), r = β·log(πθ/πref).
 
-    δ is the mean reward of the batch (chosen and rejected, detached). BCO and TRL use a running mean
-    across steps; the in-batch mean keeps the loss a pure function of the batch, so resumed runs
-    reproduce exactly. Under gradient accumulation δ is the mean of each micro-batch, so a step split
-    into micro-batches differs slightly from one large batch (unlike DPO/IPO/hinge/SFT). With the
-    paper's global batch of 256 the in-batch and running means agree closely.
+    δ is the reward shift of BCO and of InternVL's MPO, whose trainer (on TRL 0.10) subtracts TRL's
+    `RunningMoments` running mean of the rewards across steps; TRL 1.16's own `bco_pair` uses no δ at
+    all. Here δ is the mean reward of the batch (chosen and rejected, detached): the loss stays a pure
+    function of the batch, so resumed runs reproduce exactly. Under gradient accumulation δ is the mean
+    of each micro-batch, so a step split into micro-batches differs slightly from one large batch
+    (unlike DPO/IPO/hinge/SFT). With the paper's global batch of 256 the in-batch and running means
+    agree closely.
     """
     chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
     rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)
@@ -114,12 +122,17 @@ def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
 
 
 def mpo_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MPO: w_p·L_DPO + w_q·L_BCO + w_g·L_SFT (Wang et al. 2024, InternVL-MPO, Eq. 2; weights 0.8/0.2/1)."""
+    """MPO: w_p·L_DPO + w_q·L_BCO + w_g·L_SFT (Wang et al. 2024, InternVL-MPO, Eq. 2; weights 0.8/0.2/1).
+
+    L_SFT is the token-weighted mean NLL over every chosen token of the micro-batch, as InternVL's
+    trainer computes it (one `CrossEntropyLoss` over the chosen rows) and TRL's `sft` loss type; it is
+    given to every sample, so the mean over the micro-batch is exactly that number.
+    """
     stats.require_pairs("mpo")
     w_p, w_q, w_g = cfg.mpo_weights
     preference = -F.logsigmoid(cfg.beta * stats.logits())
     quality = bco_pair_loss(stats, cfg)
-    generation = stats.chosen_nll
+    generation = stats.batch_chosen_nll.expand_as(preference)
     loss = w_p * preference + w_q * quality + w_g * generation
     return loss, {"dpo": preference, "bco_pair": quality, "sft": generation}
 

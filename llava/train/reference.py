@@ -4,14 +4,20 @@ DPO needs log πref(y|x) for the chosen and rejected response of every pair. Ins
 frozen copy of the model in memory for the whole run, the trainer can score every pair once before
 training (the policy at step 0 *is* the reference), with images, and read the numbers back by
 sample id. The cache is a JSON file `{"reference": ..., "logps": {id: [chosen, rejected]}}` where
-`reference` fingerprints what produced the numbers (starting model, data, template, length limit);
-a cache made for something else, or lacking any id of the dataset, is an error, not a silent reuse.
+`reference` fingerprints what produced the numbers (starting model and its weight files, model
+flags, dtype, data, template, length limit; llava.train.train `reference_fingerprint`); a cache made
+for something else, or lacking any id of the dataset, is an error, not a silent reuse. The cache is
+written atomically (a temporary file in the same directory, then `os.replace`), so a reader never
+sees a half-written file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,13 +37,20 @@ def compute_reference_logps(
     batch_size: int,
     device: torch.device | str,
     share_image_encoding: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Score every (chosen, rejected) pair of `dataset` with `model` in eval mode, no gradients."""
+    """Score every (chosen, rejected) pair of `dataset` with `model` in eval mode, no gradients.
+
+    `autocast_dtype` runs the forward under `torch.autocast` in that dtype: give the precision training
+    uses (llava.train.args `autocast_dtype`), so the reference equals the policy at step 0.
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
     logps: dict[str, tuple[float, float]] = {}
-    with torch.no_grad():
+    device_type = torch.device(device).type
+    autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with torch.no_grad(), autocast:
         for batch in tqdm(loader, desc="reference log-probs", unit="batch"):
             ids = batch.pop("sample_ids")
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -58,7 +71,17 @@ def save_reference_logps(
         "num_samples": len(logps),
         "logps": {k: list(v) for k, v in logps.items()},
     }
-    path.write_text(json.dumps(payload))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(payload))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_reference_logps(

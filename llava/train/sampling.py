@@ -1,29 +1,51 @@
 """The matched-sample sampler shared by every loss type, and the `sample_order.jsonl` log.
 
 SFT and DPO runs must see the same samples in the same order (the paper's controlled comparison; the
-reference code used a length-grouped sampler for SFT and a random one for DPO). `MatchedSampler` is
-a seeded permutation per epoch that depends only on (seed, epoch, dataset length), never on the loss
-or the model. Every optimizer step's sample ids are appended to `<output_dir>/sample_order.jsonl`,
-so two runs can be compared line by line.
+reference code used a length-grouped sampler for SFT and a random one for DPO). `MatchedSampler`
+orders the samples of each epoch by a seeded hash of (seed, epoch, sample id): the order depends only
+on the ids, never on the loss, the model, the number of processes or the positions of the records. So
+when the two runs' record sets differ (e.g. `--skip_invalid` dropped a pair whose rejected reply is too
+long, which only the DPO run checks), the ids they share still come in the same relative order instead
+of every step changing, as a permutation of positions (`randperm(N)`) would. Duplicate ids are told
+apart by their occurrence number (first, second, ... in record order); ties of the 64-bit hash, which
+practically never happen, go to the lower index. Every optimizer step's sample ids are appended to
+`<output_dir>/sample_order.jsonl`, so two runs can be compared line by line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
 from torch.utils.data import Sampler
 
 SAMPLE_ORDER_FILE = "sample_order.jsonl"
 
 
-class MatchedSampler(Sampler[int]):
-    """Seeded random permutation, reshuffled per epoch via `set_epoch` (same for every loss type)."""
+def sample_key(seed: int, epoch: int, sample_id: str, occurrence: int = 0) -> int:
+    """The 64-bit sort key of one sample in one epoch (blake2b, so independent of PYTHONHASHSEED)."""
+    text = f"{seed}\x1f{epoch}\x1f{occurrence}\x1f{sample_id}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
 
-    def __init__(self, length: int, seed: int) -> None:
-        self.length = length
+
+def matched_order(ids: Sequence[str], seed: int, epoch: int) -> list[int]:
+    """Indices of `ids` in the epoch's order: ascending `sample_key`, ties broken by index."""
+    seen: Counter[str] = Counter()
+    keys = []
+    for index, sample_id in enumerate(ids):
+        keys.append((sample_key(seed, epoch, sample_id, seen[sample_id]), index))
+        seen[sample_id] += 1
+    return [index for _, index in sorted(keys)]
+
+
+class MatchedSampler(Sampler[int]):
+    """Samples ordered by a seeded hash of their ids, reshuffled per epoch via `set_epoch`."""
+
+    def __init__(self, ids: Sequence[str], seed: int) -> None:
+        self.ids = [str(sample_id) for sample_id in ids]
         self.seed = seed
         self.epoch = 0
 
@@ -31,11 +53,10 @@ class MatchedSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.ids)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        return iter(matched_order(self.ids, self.seed, self.epoch))
 
 
 class SampleOrderLog:

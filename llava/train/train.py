@@ -6,6 +6,11 @@ training with file, id and reason, unless --skip_invalid), precompute reference 
 needs them, then train with `PivotTrainer`, resuming automatically from the newest checkpoint in
 OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to OUTPUT_DIR.
 
+The model is loaded in `train_args.weights_dtype` (fp32 unless --bf16 under DeepSpeed; llava.train.args).
+Reference log-probs are scored once, by global rank 0 only (all nodes wait; OUTPUT_DIR is on a shared
+filesystem, as checkpoints already assume), under the autocast training uses, and cached with a
+fingerprint of everything they depend on (`reference_fingerprint`).
+
 Stage 3 (llava.model.stage3): `--stage3_source` + `--llm` builds the new MLLM on the frozen encoder;
 a Stage-3 checkpoint given to `--model_name_or_path` is reloaded with its projector, and its encoder
 and reused projector layers are frozen whatever `--mm_tunable_parts` says. With `--export_encoder`
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import transformers
@@ -40,6 +46,7 @@ from llava.train.callbacks import EncoderExportCallback
 from llava.train.losses import PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
 from llava.train.reference import compute_reference_logps, load_reference_logps, save_reference_logps
+from llava.train.sampling import SAMPLE_ORDER_FILE
 from llava.train.trainer import PivotTrainer
 from patches.zero3_init import zero3_init_disabled
 
@@ -114,9 +121,10 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
         image_token_counter(config),
         data_args.model_max_length,
     )
-    errors = parse_errors + dataset.validate()
-    if errors:
-        handle_invalid(dataset, errors, data_args.skip_invalid, train_args.output_dir)
+    invalid = dataset.invalid_records()
+    if parse_errors or invalid:
+        handle_invalid(dataset, parse_errors, invalid, data_args.skip_invalid, train_args.output_dir)
+        warn_unmatched_skips(len(parse_errors) + len(invalid), train_args.loss_type)
     duplicates = [i for i, n in Counter(dataset.ids).items() if n > 1]
     if duplicates and train_args.loss_type in PREFERENCE_LOSSES and train_args.reference == "precomputed":
         raise ValueError(
@@ -126,27 +134,87 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
 
 
 def handle_invalid(
-    dataset: MultimodalDataset, errors: list[RecordError], skip: bool, output_dir: str
+    dataset: MultimodalDataset,
+    parse_errors: list[RecordError],
+    invalid: list[tuple[int, RecordError]],
+    skip: bool,
+    output_dir: str,
 ) -> None:
+    """Stop on invalid records, or with `skip` remove them and list them in OUTPUT_DIR/skipped_records.jsonl.
+
+    `parse_errors` are records that never entered the dataset (they failed parsing); `invalid` holds
+    (position in `dataset.records`, error) from `MultimodalDataset.invalid_records()`. Records are removed
+    by position, so a valid record sharing its id with an invalid one (mixtures may repeat ids) is kept.
+    Each skipped record is one line: its id, data file and reason, plus `position` (index in the loaded
+    dataset, before removal) for records removed from the dataset.
+    """
+    errors = parse_errors + [error for _, error in invalid]
     lines = [f"  {e.path} [{e.record_id}]: {e.reason}" for e in errors[:20]]
     summary = (
         f"{len(errors)} invalid record(s):\n" + "\n".join(lines) + ("\n  ..." if len(errors) > 20 else "")
     )
     if not skip:
         raise RecordError(errors[0].path, errors[0].record_id, f"{summary}\nFix them or pass --skip_invalid.")
-    bad = {e.record_id for e in errors}
-    dataset.records = [r for r in dataset.records if r.id not in bad]
+    removed = {position for position, _ in invalid}
+    dataset.records = [record for position, record in enumerate(dataset.records) if position not in removed]
+    rows = [{"id": e.record_id, "file": e.path, "reason": e.reason} for e in parse_errors]
+    rows += [{"id": e.record_id, "file": e.path, "reason": e.reason, "position": p} for p, e in invalid]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(output_dir) / SKIPPED_FILE, "w") as handle:
-        for e in errors:
-            handle.write(json.dumps({"id": e.record_id, "file": e.path, "reason": e.reason}) + "\n")
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
     logger.warning("skipping %s; %d records remain (listed in %s)", summary, len(dataset), SKIPPED_FILE)
 
 
+def warn_unmatched_skips(num_skipped: int, loss_type: str) -> None:
+    """--skip_invalid removed records: a matched SFT/DPO comparison needs the other run to skip them too."""
+    logger.warning(
+        "--skip_invalid dropped %d invalid record(s) (ids in %s) from this --loss_type %s run. For a matched "
+        "comparison the other loss's run must skip the same ids (e.g. a pair whose rejected reply is too long "
+        "is invalid only for preference losses): remove them from its data too, and compare the ids of both "
+        "runs' %s.",
+        num_skipped,
+        SKIPPED_FILE,
+        loss_type,
+        SAMPLE_ORDER_FILE,
+    )
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weight_files_fingerprint(path: str | None) -> dict[str, list[int]] | None:
+    """{file name: [size, mtime_ns]} of the weight files and config.json at a local path (a model dir or one
+    file); None for a hub id or no path. Retraining into the same directory changes it."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        files = [Path(path)]
+    else:
+        files = sorted(
+            f
+            for f in Path(path).iterdir()
+            if f.is_file()
+            and (f.name.endswith(WEIGHT_SUFFIXES + (".index.json",)) or f.name == "config.json")
+        )
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+
+
 def reference_fingerprint(model_args: ModelArguments, data_args: DataArguments, train_args) -> dict:
-    """What the precomputed reference log-probs depend on (checked when a cache is reused)."""
+    """What the precomputed reference log-probs depend on (checked when a cache is reused): every model
+    argument, the weight files behind each local model path, the dtypes, and the data settings."""
+    sources = {
+        "model_name_or_path": model_args.model_name_or_path,
+        "llm": model_args.llm,
+        "stage3_source": model_args.stage3_source,
+        "pretrain_mm_mlp_adapter": model_args.pretrain_mm_mlp_adapter,
+        **{f"vision_tower[{i}]": t for i, t in enumerate((model_args.vision_tower or "").split("+")) if t},
+    }
     return {
         "model": model_args.model_name_or_path or f"{model_args.llm} + {model_args.vision_tower}",
+        "model_args": asdict(model_args),
+        "weight_files": {name: weight_files_fingerprint(path) for name, path in sources.items() if path},
+        "weights_dtype": train_args.weights_dtype,
+        "autocast_dtype": str(train_args.autocast_dtype),
         "data_path": os.path.abspath(data_args.data_path),
         "image_folder": os.path.abspath(data_args.image_folder) if data_args.image_folder else None,
         "conv_template": data_args.conv_template,
@@ -159,8 +227,9 @@ def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> 
     if train_args.loss_type not in PREFERENCE_LOSSES or train_args.reference != "precomputed":
         return None
     path = train_args.ref_logps_path or os.path.join(train_args.output_dir, "ref_logps.json")
-    # The main process scores every pair and writes the cache; the others wait, then read it.
-    with train_args.main_process_first(desc="reference log-probs"):
+    # Global rank 0 scores every pair and writes the cache; every other process, on every node, waits, then
+    # reads it (local=True would make one process per node score and write the same file concurrently).
+    with train_args.main_process_first(local=False, desc="reference log-probs"):
         if not os.path.exists(path):
             device = train_args.device
             model.to(device)
@@ -171,6 +240,7 @@ def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> 
                 train_args.per_device_eval_batch_size,
                 device,
                 train_args.share_image_encoding,
+                train_args.autocast_dtype,
             )
             save_reference_logps(path, logps, reference=fingerprint)
     return load_reference_logps(path, dataset.ids, reference=fingerprint)
@@ -218,9 +288,10 @@ def run(
 ) -> PivotTrainer:
     check_reference_mode(train_args)
     transformers.set_seed(train_args.seed)
-    dtype = "bfloat16" if train_args.bf16 else "float32"
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
-        model, tokenizer, image_processor = load_or_build_model(model_args, dtype, train_args.output_dir)
+        model, tokenizer, image_processor = load_or_build_model(
+            model_args, train_args.weights_dtype, train_args.output_dir
+        )
     parts = parse_tunable_parts(train_args.mm_tunable_parts)
     counts = set_trainable_parts(model, parts)
     if is_stage3(model.config):

@@ -2,7 +2,15 @@
 
 Only the loss differs between an SFT and a DPO run: both read one dataset class through one
 `MatchedSampler` (llava.train.sampling), with the same batch size and number of steps, and log the
-sample ids of every optimizer step to `sample_order.jsonl`.
+sample ids of every optimizer step to `sample_order.jsonl`. The trainer keeps a handle to its
+`MatchedSampler` and sets its epoch from the trainer state at every epoch begin: on a multi-process
+resume accelerate wraps it as SkipBatchSampler → BatchSamplerShard → BatchSampler → MatchedSampler,
+deeper than `DataLoaderShard.set_epoch` and Trainer's own `set_epoch` calls reach, so a run resumed
+inside epoch ≥ 2 would otherwise replay epoch 1's order.
+
+Precision: with `--bf16` and no DeepSpeed the weights stay fp32 (llava.train.args `weights_dtype`) and
+the whole loss computation (vision tower and projector too, which `encode_images` calls outside the
+model's autocast-wrapped `forward`, and the live reference) runs under the accelerator's autocast.
 
 Normalisation across gradient accumulation and processes is done here (`loss_is_scaled_for_ga`):
 - SFT: summed token NLL / number of supervised tokens in the whole optimizer step (HF's rule, so a
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections import defaultdict
 
@@ -65,6 +74,7 @@ class PivotTrainer(Trainer):
             self.args.mm_vision_tower_lr is not None or self.args.mm_projector_lr is not None,
         )
         self.sample_log = SampleOrderLog(self.args.output_dir)
+        self.matched_sampler: MatchedSampler | None = None
         self._step_ids: list[str] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
@@ -74,9 +84,15 @@ class PivotTrainer(Trainer):
     # ---- data -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return MatchedSampler(
-            len(dataset), self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        )
+        ids = getattr(dataset, "ids", None)
+        if ids is None or len(ids) != len(dataset):
+            raise TypeError(
+                f"{type(dataset).__name__} has no `ids` list (one sample id per item): MatchedSampler orders "
+                "samples by id (llava.train.sampling)."
+            )
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.matched_sampler = MatchedSampler(ids, seed)
+        return self.matched_sampler
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -123,12 +139,13 @@ class PivotTrainer(Trainer):
             self._step_ids.extend(ids)
         loss_type = self.args.loss_type
         tokens = int(inputs["attention_mask"].sum())
-        if loss_type in PREFERENCE_LOSSES:
-            tokens += int(inputs["rejected_attention_mask"].sum())
-            stats = self._pair_stats(model, inputs, ids)
-        else:
-            policy, counts = chosen_logps(model, inputs)
-            stats = PairStats(policy, None, None, None, counts, None)
+        with self.accelerator.autocast():  # a no-op unless --bf16/--fp16 without DeepSpeed
+            if loss_type in PREFERENCE_LOSSES:
+                tokens += int(inputs["rejected_attention_mask"].sum())
+                stats = self._pair_stats(model, inputs, ids)
+            else:
+                policy, counts = chosen_logps(model, inputs)
+                stats = PairStats(policy, None, None, None, counts, None)
         per_sample, parts = LOSSES[loss_type](stats, self.loss_config)
         if loss_type == "sft":
             nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
@@ -206,7 +223,8 @@ class PivotTrainer(Trainer):
 
 
 class _StepEndCallback(TrainerCallback):
-    """Writes each optimizer step's sample ids to sample_order.jsonl (main process)."""
+    """Sets the sampler's epoch at every epoch begin; writes each optimizer step's sample ids to
+    sample_order.jsonl (main process)."""
 
     def __init__(self, trainer: PivotTrainer) -> None:
         self.trainer = trainer
@@ -216,6 +234,12 @@ class _StepEndCallback(TrainerCallback):
             self.trainer.sample_log.truncate_after(state.global_step)
         self.trainer._step_ids = []
         self.trainer._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is e + (batches done)/(batches per epoch): its floor is the epoch being started, also
+        # when a resumed run starts inside one (Trainer's `epochs_trained`); called before the loader is iterated.
+        if self.trainer.matched_sampler is not None:
+            self.trainer.matched_sampler.set_epoch(math.floor(state.epoch or 0.0))
 
     def on_step_end(self, args, state, control, **kwargs):
         ids = self.trainer.flush_step_ids()
