@@ -4,19 +4,24 @@ Protocol of Huh et al. 2024, "The Platonic Representation Hypothesis" (minhuh/pl
 `extract_features.py` + `measure_alignment.py`), as used in Fig. 10 of Song et al. 2025:
 
 - data: the prh format (an image and a list of captions per sample; the first caption is used),
-  `num_samples` (1024) drawn per seed; the seed only chooses the subset;
+  `num_samples` (1024) drawn per seed; the seed only chooses the subset, so when `num_samples`
+  covers the whole dataset (prh wit_1024 has exactly 1024 pairs) only the first seed is run and
+  the results say n = 1 instead of showing a spread of 0;
 - vision features: every hidden state (embedding output + each layer) of an exported encoder
   (docs/CONTRACTS.md §1) or any HF vision model, mean-pooled over patch tokens (prefix tokens such
   as CLS and registers dropped) or the CLS token;
 - language features: every hidden state of an HF causal LM or encoder (AutoModel), attention-mask
   weighted mean over tokens, batched with left padding (position ids follow the mask, so a padded
   sample gets the same features as alone);
-- score: outlier clamp + L2 normalisation (analysis.alignment_metrics.prepare_features), then a
-  metric over every (vision layer, language layer) pair: the max, its layers and the full matrix.
+- score: outlier clamp + L2 normalisation (analysis.alignment_metrics.prepare_features; bound
+  `--outlier_clamp precise` = platonic-rep `--precise`, the default, or `per_sample_mean` = its
+  README command), then a metric over every (vision layer, language layer) pair: the max, its
+  layers and the full matrix.
 
 Layer indices count hidden states: 0 is the embedding output, i is the output of block i.
 Outputs (docs/CONTRACTS.md §4, kind "alignment"): alignment.json, alignment.md (mean ± std over
-seeds) and alignment.png (grouped bars like Fig. 10). Run `python -m analysis.alignment --help`.
+seeds, or the single score marked n = 1) and alignment.png (grouped bars like Fig. 10).
+Run `python -m analysis.alignment --help`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import inspect
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from analysis.alignment_metrics import MATRIX_METRICS, alignment_matrix, prepare_features
+from analysis.alignment_metrics import MATRIX_METRICS, OUTLIER_CLAMPS, alignment_matrix, prepare_features
 from analysis.features import load_encoder, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -152,6 +157,21 @@ def _first_caption(text: Any, where: str) -> str:
     if not isinstance(text, list) or not text or not isinstance(text[0], str) or not text[0].strip():
         raise ValueError(f"{where}: 'text' must be a non-empty list of captions, got {text!r}")
     return text[0]
+
+
+def seeds_to_run(seeds: Sequence[int], num_samples: int, total: int) -> list[int]:
+    """The seeds worth scoring: all of them, or only the first when `num_samples` covers all `total`
+    samples (every seed would draw the same subset, and their spread would be a meaningless 0)."""
+    if len(seeds) > 1 and num_samples >= total:
+        logger.warning(
+            "num_samples %d covers all %d samples: every seed draws the same subset; scoring seed %d only "
+            "(n = 1, no std). Lower --num_samples to compare seeds.",
+            num_samples,
+            total,
+            seeds[0],
+        )
+        return [seeds[0]]
+    return list(seeds)
 
 
 def sample_indices(total: int, num_samples: int, seed: int) -> list[int]:
@@ -320,12 +340,17 @@ class AlignmentScore:
 
 
 def score_layers(
-    vision: Tensor, language: Tensor, metric: str = "mutual_knn", k: int = 10, outlier_q: float = 0.95
+    vision: Tensor,
+    language: Tensor,
+    metric: str = "mutual_knn",
+    k: int = 10,
+    outlier_q: float = 0.95,
+    outlier_clamp: str = "precise",
 ) -> AlignmentScore:
     """Align `[N, Lv, Dv]` with `[N, Ll, Dl]` features over every layer pair; each side is prepared
-    (clamp at the `outlier_q` quantile of |x| over its whole tensor, then L2) before scoring."""
-    a = prepare_features(vision, outlier_q).transpose(0, 1).contiguous()
-    b = prepare_features(language, outlier_q).transpose(0, 1).contiguous()
+    (clamp at a bound from the `outlier_q` quantile of |x|, `outlier_clamp` mode, then L2) before scoring."""
+    a = prepare_features(vision, outlier_q, outlier_clamp).transpose(0, 1).contiguous()
+    b = prepare_features(language, outlier_q, outlier_clamp).transpose(0, 1).contiguous()
     matrix = alignment_matrix(metric, a, b, k).cpu()
     best = int(torch.argmax(matrix))
     row, col = divmod(best, matrix.shape[1])
@@ -347,6 +372,7 @@ class AlignmentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     pool: str = "mean"
     outlier_q: float = 0.95
+    outlier_clamp: str = "precise"
     batch_size: int = 32
     max_text_length: int | None = None
     split: str = "train"
@@ -372,6 +398,8 @@ class AlignmentConfig:
             raise ValueError(f"--pool must be one of {POOLINGS}, got {self.pool!r}")
         if not 0.0 < self.outlier_q <= 1.0:
             raise ValueError(f"--outlier_q must be in (0, 1], got {self.outlier_q}")
+        if self.outlier_clamp not in OUTLIER_CLAMPS:
+            raise ValueError(f"--outlier_clamp must be one of {OUTLIER_CLAMPS}, got {self.outlier_clamp!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds must be non-empty and distinct, got {self.seeds}")
         if self.batch_size < 1:
@@ -390,9 +418,8 @@ def _release(holder: VisionEncoder | LanguageModel) -> None:
 def run_alignment(config: AlignmentConfig) -> dict[str, Any]:
     """Extract features once per model, score every combination, write json/md/png; return the results."""
     dataset = PrhDataset(config.data, config.split)
+    config = replace(config, seeds=seeds_to_run(config.seeds, config.num_samples, len(dataset)))
     subsets = {seed: sample_indices(len(dataset), config.num_samples, seed) for seed in config.seeds}
-    if len(config.seeds) > 1 and config.num_samples == len(dataset):
-        logger.warning("num_samples equals the dataset size: every seed scores the same samples")
     union = sorted({i for subset in subsets.values() for i in subset})
     position = {index: pos for pos, index in enumerate(union)}
 
@@ -427,11 +454,12 @@ def run_alignment(config: AlignmentConfig) -> dict[str, Any]:
                         metric,
                         config.k,
                         config.outlier_q,
+                        config.outlier_clamp,
                     )
                     rows.append(
                         {"run": v_name, **vision_labels[v_name], "vision": v_name, "language": l_name,
                          "metric": metric, "k": config.k, "seed": seed, "num_samples": config.num_samples,
-                         "pool": config.pool, **asdict(result)}
+                         "pool": config.pool, "outlier_clamp": config.outlier_clamp, **asdict(result)}
                     )  # fmt: skip
                     logger.info("%s seed %d %s × %s: %.4f", metric, seed, v_name, l_name, result.score)
     results = {"kind": "alignment", "config": asdict(config), "rows": rows, "summary": summarize(rows)}
@@ -440,7 +468,7 @@ def run_alignment(config: AlignmentConfig) -> dict[str, Any]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std (ddof 1; 0 for one seed) of the max score over seeds per (vision, language, metric)."""
+    """Mean and std (ddof 1; None for one seed) of the max score over seeds per (vision, language, metric)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["vision"], row["language"], row["metric"]), []).append(row)
@@ -449,7 +477,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         scores = np.array([row["score"] for row in group])
         summary.append(
             {"vision": vision, "language": language, "metric": metric, "k": group[0]["k"],
-             "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0,
+             "mean": float(scores.mean()), "std": float(scores.std(ddof=1)) if len(scores) > 1 else None,
              "seeds": [row["seed"] for row in group],
              "layers": [[row["vision_layer"], row["language_layer"]] for row in group]}
         )  # fmt: skip
@@ -457,15 +485,21 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_table(summary: list[dict[str, Any]]) -> str:
-    """Markdown tables, one per metric: vision models × language models, `mean ± std` over seeds."""
+    """Markdown tables, one per metric: vision models × language models, `mean ± std` over seeds
+    (n seeds said under the heading); a cell of one seed shows its score alone, never `± 0`."""
     blocks = []
     for metric in dict.fromkeys(s["metric"] for s in summary):
         entries = [s for s in summary if s["metric"] == metric]
         visions = list(dict.fromkeys(s["vision"] for s in entries))
         languages = list(dict.fromkeys(s["language"] for s in entries))
-        cell = {(s["vision"], s["language"]): f"{s['mean']:.4f} ± {s['std']:.4f}" for s in entries}
+        cell = {(s["vision"], s["language"]): _cell(s) for s in entries}
+        counts = sorted({len(s["seeds"]) for s in entries})
+        n = ", ".join(map(str, counts))
+        spread = "One seed per cell (n = 1): no std." if counts == [1] else f"Mean ± std over n = {n} seeds."
         lines = [
             f"### {metric} (k={entries[0]['k']})",
+            "",
+            spread,
             "",
             "| vision | " + " | ".join(languages) + " |",
             "|---" * (len(languages) + 1) + "|",
@@ -475,6 +509,12 @@ def format_table(summary: list[dict[str, Any]]) -> str:
         ]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if len(entry["seeds"]) > 1:
+        return f"{entry['mean']:.4f} ± {entry['std']:.4f}"
+    return f"{entry['mean']:.4f} (n=1)"
 
 
 def plot_bars(summary: list[dict[str, Any]], path: Path) -> None:
@@ -495,7 +535,7 @@ def plot_bars(summary: list[dict[str, Any]], path: Path) -> None:
         for i, vision in enumerate(visions):
             found = [lookup.get((vision, lang)) for lang in languages]
             means = [s["mean"] if s else np.nan for s in found]
-            stds = [s["std"] if s else 0.0 for s in found]
+            stds = [s["std"] if s and s["std"] is not None else 0.0 for s in found]
             x = np.arange(len(languages)) + (i - (len(visions) - 1) / 2) * width
             ax.bar(x, means, width, yerr=stds, capsize=3, label=vision)
         ax.set_xticks(np.arange(len(languages)), languages, rotation=20, ha="right")
@@ -525,9 +565,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--metrics", nargs="+", default=["mutual_knn"], choices=sorted(MATRIX_METRICS), help="alignment metrics")
     parser.add_argument("--k", type=int, default=10, help="neighbours for mutual_knn and cknna (paper: 10)")
     parser.add_argument("--num_samples", type=int, default=1024, help="image-caption pairs drawn per seed (paper: 1024)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each draws its own sample subset (paper: 3 seeds)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; each draws its own sample subset (paper: 3 seeds); only the first runs when --num_samples covers the whole dataset")
     parser.add_argument("--pool", default="mean", choices=POOLINGS, help="vision pooling: mean over patch tokens, or the CLS token where it exists")
     parser.add_argument("--outlier_q", type=float, default=0.95, help="clamp features at this quantile of |x| before L2 normalisation (1 = no clamp)")
+    parser.add_argument("--outlier_clamp", default="precise", choices=OUTLIER_CLAMPS, help="clamp bound: 'precise' = the quantile of |x| over a model's whole [N, L, D] tensor (platonic-rep --precise); 'per_sample_mean' = the mean over samples of each sample's quantile over L*D (platonic-rep's README command)")
     parser.add_argument("--batch_size", type=int, default=32, help="images or captions per forward pass")
     parser.add_argument("--max_text_length", type=int, default=None, help="truncate captions to this many tokens (default: no truncation)")
     parser.add_argument("--device", default="auto", help="torch device for models and metrics (auto = cuda if available)")

@@ -3,8 +3,14 @@
 Definitions follow minhuh/platonic-rep `metrics.py` (class `AlignmentMetrics`) and its
 `measure_alignment.py` preprocessing:
 
-- `prepare_features`: clamp every entry of one model's feature tensor to [-q, q], q = the 95th
-  percentile of |x| over the whole tensor (all samples and layers), then L2-normalise each sample.
+- `prepare_features`: clamp every entry of one model's `[N, L, D]` feature tensor to [-b, b], then
+  L2-normalise each sample. The bound b follows platonic-rep `remove_outliers` in one of two modes
+  (`OUTLIER_CLAMPS`): "precise" (our default; platonic-rep `--precise`): b = the 95th percentile of
+  |x| over the whole tensor (all samples and layers); "per_sample_mean" (platonic-rep without
+  `--precise`, the command in its README): b = the mean over samples of each sample's 95th
+  percentile of |x| over its L·D entries. Percentiles interpolate linearly (numpy/torch.quantile,
+  as platonic-rep's per-sample path); its `--precise` path takes the sorted value at index
+  int(q·n) instead, at most one rank away.
 - `mutual_knn` (Huh et al. 2024, Sec. 2 / App. A): top-k neighbours by inner product within each
   representation, self excluded; score = mean over samples of |kNN_A(i) ∩ kNN_B(i)| / k.
 - `cka`: centred kernel alignment with a linear kernel and the biased HSIC estimator
@@ -30,30 +36,49 @@ from torch import Tensor
 EPS = 1e-6  # denominator guard of platonic-rep's CKA and CKNNA
 
 
-def quantile_abs(feats: Tensor, q: float) -> Tensor:
-    """q-quantile of |feats| over all entries, linear interpolation (as numpy/torch.quantile).
+OUTLIER_CLAMPS: tuple[str, ...] = ("precise", "per_sample_mean")
+
+
+def _quantile_last_dim(values: Tensor, q: float) -> Tensor:
+    """q-quantile along the last dim, linear interpolation (as numpy/torch.quantile).
 
     Uses `kthvalue`, which has no size limit (torch.quantile refuses tensors above 2**24 entries).
     """
-    flat = feats.detach().abs().flatten().float()
-    pos = q * (flat.numel() - 1)
-    lo, hi = int(pos), min(int(pos) + 1, flat.numel() - 1)
-    lo_val = flat.kthvalue(lo + 1).values
-    hi_val = flat.kthvalue(hi + 1).values if hi != lo else lo_val
+    n = values.shape[-1]
+    pos = q * (n - 1)
+    lo, hi = int(pos), min(int(pos) + 1, n - 1)
+    lo_val = values.kthvalue(lo + 1, dim=-1).values
+    hi_val = values.kthvalue(hi + 1, dim=-1).values if hi != lo else lo_val
     return lo_val + (hi_val - lo_val) * (pos - lo)
 
 
-def prepare_features(feats: Tensor, q: float = 0.95) -> Tensor:
-    """Clamp outliers at the q-quantile of |x| over the whole tensor, then L2-normalise the last dim.
+def quantile_abs(feats: Tensor, q: float) -> Tensor:
+    """q-quantile of |feats| over all entries (the "precise" clamp bound)."""
+    return _quantile_last_dim(feats.detach().abs().flatten().float(), q)
+
+
+def per_sample_quantile_abs(feats: Tensor, q: float) -> Tensor:
+    """Mean over samples (dim 0) of each sample's q-quantile of |x| over its other entries
+    (the "per_sample_mean" clamp bound)."""
+    per_sample = feats.detach().abs().float().reshape(feats.shape[0], -1)
+    return _quantile_last_dim(per_sample, q).mean()
+
+
+def prepare_features(feats: Tensor, q: float = 0.95, outlier_clamp: str = "precise") -> Tensor:
+    """Clamp outliers at a bound from the q-quantile of |x|, then L2-normalise the last dim.
 
     `feats` is one model's `[N, L, D]` (or `[N, D]`) tensor; platonic-rep `prepare_features` +
-    the normalisation in `compute_score`. q = 1 skips the clamp.
+    the normalisation in `compute_score`. `outlier_clamp` picks the bound (module docstring):
+    "precise" = quantile over the whole tensor, "per_sample_mean" = mean of per-sample quantiles.
+    q = 1 skips the clamp.
     """
     if not 0.0 < q <= 1.0:
         raise ValueError(f"outlier quantile must be in (0, 1], got {q}")
+    if outlier_clamp not in OUTLIER_CLAMPS:
+        raise ValueError(f"unknown outlier_clamp {outlier_clamp!r}; choose from {OUTLIER_CLAMPS}")
     feats = feats.float()
     if q < 1.0:
-        bound = quantile_abs(feats, q)
+        bound = quantile_abs(feats, q) if outlier_clamp == "precise" else per_sample_quantile_abs(feats, q)
         feats = feats.clamp(-bound, bound)
     return torch.nn.functional.normalize(feats, p=2, dim=-1)
 

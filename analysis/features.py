@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: labels no longer cached (they come from the source)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FEATURE_POINTS = ("encoder", "projector")
 POOLINGS = ("mean", "cls", "tokens")
@@ -534,7 +534,7 @@ def extract_features(
         cache_path = Path(cache_dir) / key[:2] / key
         if (cache_path / "meta.json").is_file():
             logger.info("features for %s on %s: cache hit %s", spec.path, source.name, cache_path)
-            return _read_cache(cache_path)
+            return _read_cache(cache_path, source)
     if not isinstance(encoder, LoadedEncoder):
         encoder = load_encoder(spec, device, getattr(torch, options.dtype), with_projector=wants_projector)
     meta = {
@@ -555,8 +555,6 @@ def extract_features(
     try:
         for array in _run_extraction(encoder, source, options, staging, progress).values():
             array.flush()
-        if source.labels is not None:
-            np.save(staging / "labels.npy", source.labels)
         (staging / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         if cache_path.exists():  # another process finished first: keep its copy
             shutil.rmtree(staging)
@@ -565,7 +563,7 @@ def extract_features(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("features cached at %s", cache_path)
-    return _read_cache(cache_path)
+    return _read_cache(cache_path, source)
 
 
 @torch.inference_mode()
@@ -610,13 +608,11 @@ def _run_extraction(
     return arrays
 
 
-def _read_cache(cache_path: Path) -> FeatureSet:
+def _read_cache(cache_path: Path, source: ImageSource) -> FeatureSet:
+    """Cached features; labels and class names are the source's own (the cache key covers only images)."""
     meta = json.loads((cache_path / "meta.json").read_text())
-    arrays = {
-        p.stem: np.load(p, mmap_mode="r") for p in sorted(cache_path.glob("*.npy")) if p.stem != "labels"
-    }
-    labels = np.load(cache_path / "labels.npy") if (cache_path / "labels.npy").is_file() else None
-    return FeatureSet(arrays, labels, meta.get("class_names"), meta)
+    arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(cache_path.glob("*.npy"))}
+    return FeatureSet(arrays, source.labels, source.class_names, meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,8 @@ from transformers.image_processing_utils import get_patch_output_size, select_be
 from transformers.image_utils import ChannelDimension
 from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
 
+from analysis.results_rows import rows_with_file_labels
+
 Extent = tuple[float, float, float, float]
 SUMMARY_FIELDS = (
     "run",
@@ -321,17 +323,18 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def read_gradcam_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Rows of kind-``gradcam`` results files, with the file-level ``run`` label filled in."""
+    """Rows of kind-``gradcam`` results files, with the file-level run labels filled in (``run`` defaults
+    to the file's path)."""
     rows: list[dict[str, Any]] = []
     for path in paths:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(doc, dict) or doc.get("kind") != "gradcam":
             raise ValueError(f"{path}: not a results file of kind 'gradcam'")
-        for index, row in enumerate(doc.get("rows", [])):
+        for index, row in enumerate(rows_with_file_labels(Path(path), {"run": str(path), **doc})):
             for key in ("loss_type", "entropy"):
                 if row.get(key) is None:
                     raise ValueError(f"{path} row {index}: missing {key!r}")
-            rows.append({"run": doc.get("run", str(path)), **row})
+            rows.append(row)
     return rows
 
 

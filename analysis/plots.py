@@ -10,9 +10,10 @@ plus the output PNG path, and returns that path:
 - ``plot_linear_probe``   Figure 6: linear-probe top-1 against encoder size, one panel per feature
   point (encoder output, encoder + projector); rows of kind ``linear_probe``.
 - ``plot_seg_recall``     Figure 8: ADE20K patch-segmentation recall bars with the gain over SFT
-  written above each other loss's bar; rows of kind ``seg_probe`` (one per seed, averaged here).
+  written above each other loss's bar, one panel per feature point; rows of kind ``seg_probe`` (one
+  per seed, averaged here).
 - ``plot_alignment``      Figure 10: mutual k-NN alignment bars per language model; rows of kind
-  ``alignment``.
+  ``alignment``; rows of different studies (encoder tower, LLM, ...) are separate bars.
 - ``plot_gradcam_grid``   Figure 7: rows = samples, columns = image | SFT | DPO gradient maps overlaid.
 
 Repeated rows (seeds) are averaged and drawn with ±1 std error bars. A row without a key the figure
@@ -57,6 +58,15 @@ SIZE_WORDS: dict[str, int] = {
     "giant": 7,
     "g": 7,
 }
+# Labels and settings that set one alignment study apart from another under one results directory.
+ALIGNMENT_STUDY_KEYS: tuple[str, ...] = (
+    "vision_tower",
+    "llm",
+    "data_size",
+    "pool",
+    "num_samples",
+    "outlier_clamp",
+)
 _PARAM_COUNT = re.compile(r"(\d+(?:\.\d+)?)\s*([mb])(?![a-z])", re.IGNORECASE)
 _DATA_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([km]?)\s*$", re.IGNORECASE)
 
@@ -344,33 +354,43 @@ def plot_seg_recall(
     reference: str = "sft",
     title: str | None = None,
 ) -> Path:
-    """Figure 8: segmentation-probe recall (%) bars per encoder; gains over ``reference`` annotated."""
+    """Figure 8: segmentation-probe recall (%) bars per encoder; gains over ``reference`` annotated.
+
+    One panel per ``feature_point`` (rows without one share a panel), so probes of one run at the
+    encoder output and after the projector are never averaged together.
+    """
     require(rows, [x_key, metric], "segmentation recall")
+    points = order_values([row.get("feature_point") for row in rows])
     xs = order_values([row[x_key] for row in rows])
     losses = order_losses([loss_label(row) for row in rows])
-    stats = group_mean_std(rows, [x_key, "loss_type"], metric, 100)
-    fig, axes = _new_figure(1, panel_width=max(2.0 * len(xs), 4.0), height=3.4)
-    ax = axes[0]
-    tops = _grouped_bars(ax, stats, xs, losses, [loss_color(loss, losses) for loss in losses], ".1f")
-    for (x, loss), (pos, top) in tops.items():
-        base = stats.get((x, reference))
-        if loss != reference and loss != "base" and base is not None:
-            gain = stats[(x, loss)].mean - base.mean
-            ax.annotate(
-                f"{gain:+.1f}",
-                (pos, top),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                fontweight="bold",
-                color="#2e7d32" if gain >= 0 else "#c62828",
-                xytext=(0, 8),
-                textcoords="offset points",
-            )
-    _tight_ylim(ax, [s.mean for s in stats.values()])
-    ax.set_ylabel(f"{metric} (%)")
-    ax.legend(fontsize=7)
-    ax.set_title(title or f"ADE20K segmentation probe {metric} (gain vs {reference})", fontsize=10)
+    colors = [loss_color(loss, losses) for loss in losses]
+    fig, axes = _new_figure(len(points), panel_width=max(2.0 * len(xs), 4.0), height=3.4)
+    for ax, point in zip(axes, points):
+        stats = group_mean_std(
+            [row for row in rows if row.get("feature_point") == point], [x_key, "loss_type"], metric, 100
+        )
+        tops = _grouped_bars(ax, stats, xs, losses, colors, ".1f")
+        for (x, loss), (pos, top) in tops.items():
+            base = stats.get((x, reference))
+            if loss != reference and loss != "base" and base is not None:
+                gain = stats[(x, loss)].mean - base.mean
+                ax.annotate(
+                    f"{gain:+.1f}",
+                    (pos, top),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    fontweight="bold",
+                    color="#2e7d32" if gain >= 0 else "#c62828",
+                    xytext=(0, 8),
+                    textcoords="offset points",
+                )
+        _tight_ylim(ax, [s.mean for s in stats.values()])
+        if point is not None:
+            ax.set_title(f"features: {point}", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"{metric} (%)")
+    fig.suptitle(title or f"ADE20K segmentation probe {metric} (gain vs {reference})", fontsize=10)
     return _save(fig, out_path)
 
 
@@ -388,10 +408,24 @@ def plot_alignment(
     out_path: Path,
     hue_key: str = "vision",
     x_key: str = "language",
+    label_keys: Sequence[str] = ALIGNMENT_STUDY_KEYS,
     title: str | None = None,
 ) -> Path:
-    """Figure 10: mutual k-NN alignment score bars per language model, one bar per ``hue_key``."""
+    """Figure 10: mutual k-NN alignment score bars per language model, one bar per ``hue_key``.
+
+    Where a key of ``label_keys`` takes several values across the rows (studies of different
+    encoder towers or LLMs under one results directory, each naming its models ``sft``, ``dpo``),
+    each bar is one (``hue_key``, labels) pair, named e.g. ``sft (siglip2-b16)``: studies never
+    average together.
+    """
     require(rows, [hue_key, x_key, "score", "metric"], "alignment")
+    varying = [k for k in label_keys if len({str(r[k]) for r in rows if r.get(k) is not None}) > 1]
+
+    def bar_name(row: Row) -> str:
+        labels = ", ".join("–" if row.get(k) is None else str(row[k]) for k in varying)
+        return f"{row[hue_key]} ({labels})" if varying else str(row[hue_key])
+
+    rows = [{**row, hue_key: bar_name(row)} for row in rows]
     metrics = order_values([row["metric"] for row in rows])
     fig, axes = _new_figure(
         len(metrics), panel_width=max(1.6 * len({r[x_key] for r in rows}), 4.0), height=3.4
@@ -399,8 +433,8 @@ def plot_alignment(
     for ax, metric in zip(axes, metrics):
         subset = [row for row in rows if row["metric"] == metric]
         xs = order_values([row[x_key] for row in subset])
-        hues = [str(h) for h in dict.fromkeys(row[hue_key] for row in subset)]
-        stats = group_mean_std([{**r, hue_key: str(r[hue_key])} for r in subset], [x_key, hue_key], "score")
+        hues = list(dict.fromkeys(row[hue_key] for row in subset))
+        stats = group_mean_std(subset, [x_key, hue_key], "score")
         palette = _hue_colors(subset, hue_key, hues)
         _grouped_bars(ax, stats, xs, hues, palette, ".3f")
         _tight_ylim(ax, [s.mean for s in stats.values()])

@@ -13,6 +13,10 @@ results, export.json, configs) are counted and otherwise not read; OUT_DIR itsel
 Grad-CAM rows (kind ``gradcam``) are read with their ``map_npy`` (a patch grid ``[h, w]``, or a
 flat ``h*w`` square) and, when present, ``image``; both paths are relative to the results file's
 directory unless absolute. A row without ``image`` is drawn as the map alone.
+
+Rows keep their run labels (``run``, ``vision_tower``, ``llm``, ``data_size``, ``seed``; file-level
+labels are defaults, analysis/results_rows.py) in every table and figure grouping, so results of
+several studies under one RESULTS_DIR (e.g. one ``RUN_BASE`` per encoder) never average together.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,18 +36,25 @@ from PIL import Image
 
 from analysis import plots
 from analysis.benchmarks import (
-    LABEL_KEYS,
     aggregate,
     load_labels,
     load_registry,
     markdown_table,
     write_outputs,
 )
+from analysis.results_rows import RUN_LABEL_KEYS, rows_with_file_labels
 
 logger = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("benchmarks", "linear_probe", "seg_probe", "alignment", "gradcam")
 GRADCAM_MAX_SAMPLES = 8
+# A Grad-CAM sample is one image of one run; its loss types are the figure's columns.
+GRADCAM_SAMPLE_KEYS: tuple[str, ...] = tuple(k for k in RUN_LABEL_KEYS if k != "loss_type")
+# Settings of an alignment study besides the run labels (pool, num_samples, outlier_clamp).
+ALIGNMENT_SETTINGS: tuple[str, ...] = tuple(k for k in plots.ALIGNMENT_STUDY_KEYS if k not in RUN_LABEL_KEYS)
+# Sweep keys whose missing value is a setting of its own: a linear-probe row without `layer` (null)
+# probed the encoder's final layer; `--layers` adds rows at other layers.
+MISSING_MEANS: dict[str, str] = {"layer": "final"}
 
 
 @dataclass
@@ -71,14 +82,6 @@ class Skip(Exception):
     """The inputs do not allow this figure; the message says why."""
 
 
-def _rows_of(path: Path, doc: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = doc.get("rows")
-    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ValueError(f"{path}: kind {doc['kind']!r} needs 'rows', a list of objects")
-    file_labels = {k: doc[k] for k in ("run", *LABEL_KEYS) if doc.get(k) is not None}
-    return [{**file_labels, **row} for row in rows]
-
-
 def collect_results(
     results_dir: Path, exclude: Path | None = None
 ) -> tuple[dict[str, list[ResultsFile]], list[str]]:
@@ -103,7 +106,7 @@ def collect_results(
         if doc["kind"] not in grouped:
             notes.append(f"`{path}`: unknown kind {doc['kind']!r}, not read (known: {', '.join(KINDS)})")
             continue
-        grouped[doc["kind"]].append(ResultsFile(path, doc["kind"], _rows_of(path, doc), doc))
+        grouped[doc["kind"]].append(ResultsFile(path, doc["kind"], rows_with_file_labels(path, doc), doc))
     if without_kind:
         notes.append(
             f"{without_kind} JSON file(s) without a `kind` (e.g. raw lmms-eval output, configs) not read"
@@ -125,41 +128,59 @@ def _load_grid(path: Path, where: str) -> np.ndarray:
     return grid
 
 
-def load_gradcam_samples(files: Sequence[ResultsFile]) -> list[plots.GradcamSample]:
-    """Group gradcam rows by (run, sample id): load each loss type's map and the sample's image.
+def _label_value(row: dict[str, Any], key: str) -> str:
+    return "" if row.get(key) is None else str(row[key])
 
-    Protocol runs log several training steps per (sample, loss); the figure shows the latest step
-    (the paper looks around step 20). Two maps at the same step for one (run, sample, loss) are an error.
+
+def _varying(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The keys that take more than one (non-missing) value across ``rows``."""
+    return [k for k in keys if len({str(r[k]) for r in rows if r.get(k) is not None}) > 1]
+
+
+def load_gradcam_samples(files: Sequence[ResultsFile]) -> list[plots.GradcamSample]:
+    """Group gradcam rows by (run labels, sample id): load each loss type's map and the sample's image.
+
+    The run labels (``GRADCAM_SAMPLE_KEYS``) keep samples of different runs apart even where two
+    runs share a name (e.g. ``sft`` under two ``RUN_BASE`` directories); a sample is named by its
+    run and by every other label that differs between the rows. Protocol runs log several training
+    steps per (sample, loss); the figure shows the latest step (the paper looks around step 20). Two
+    maps at the same step for one (run labels, sample, loss) are an error.
     """
-    samples: dict[tuple[str, str], plots.GradcamSample] = {}
-    steps: dict[tuple[str, str, str], float] = {}
-    for file in files:
-        for index, row in enumerate(file.rows):
-            where = f"{file.path} row {index}"
-            for key in ("id", "loss_type", "map_npy"):
-                if row.get(key) is None:
-                    raise ValueError(f"{where}: gradcam row has no {key!r}")
-            run = str(row.get("run") or "")
-            label = f"{run}: {row['id']}" if run else str(row["id"])
-            sample = samples.setdefault((run, str(row["id"])), plots.GradcamSample(label, None, {}))
-            loss = str(row["loss_type"]).lower()
-            step = float(row.get("step") or 0)
-            previous = steps.get((run, str(row["id"]), loss))
-            if previous is not None and step == previous:
-                raise ValueError(f"{where}: second {loss!r} map for sample {row['id']!r} at step {step:g}")
-            if previous is not None and step < previous:
-                continue
-            steps[(run, str(row["id"]), loss)] = step
-            sample.maps[loss] = _load_grid(file.path.parent / str(row["map_npy"]), where)
-            sample.stats[loss] = {
-                k: float(row[k]) for k in ("mass_in_box", "entropy") if row.get(k) is not None
-            }
-            if sample.image is None and row.get("image"):
-                image_path = file.path.parent / str(row["image"])
-                if not image_path.is_file():
-                    raise FileNotFoundError(f"{where}: image {image_path} does not exist")
-                with Image.open(image_path) as image:
-                    sample.image = np.asarray(image.convert("RGB"))
+    rows = [(file, index, row) for file in files for index, row in enumerate(file.rows)]
+    varying = set(_varying([row for _, _, row in rows], GRADCAM_SAMPLE_KEYS))
+    samples: dict[tuple[str, ...], plots.GradcamSample] = {}
+    steps: dict[tuple[str, ...], float] = {}
+    for file, index, row in rows:
+        where = f"{file.path} row {index}"
+        for key in ("id", "loss_type", "map_npy"):
+            if row.get(key) is None:
+                raise ValueError(f"{where}: gradcam row has no {key!r}")
+        shown = [
+            str(row[k])
+            for k in GRADCAM_SAMPLE_KEYS
+            if row.get(k) is not None and (k == "run" or k in varying)
+        ]
+        label = f"{', '.join(shown)}: {row['id']}" if shown else str(row["id"])
+        key = (*(_label_value(row, k) for k in GRADCAM_SAMPLE_KEYS), str(row["id"]))
+        sample = samples.setdefault(key, plots.GradcamSample(label, None, {}))
+        loss = str(row["loss_type"]).lower()
+        step = float(row.get("step") or 0)
+        previous = steps.get((*key, loss))
+        if previous is not None and step == previous:
+            raise ValueError(
+                f"{where}: second {loss!r} map for sample {row['id']!r} at step {step:g} ({label})"
+            )
+        if previous is not None and step < previous:
+            continue
+        steps[(*key, loss)] = step
+        sample.maps[loss] = _load_grid(file.path.parent / str(row["map_npy"]), where)
+        sample.stats[loss] = {k: float(row[k]) for k in ("mass_in_box", "entropy") if row.get(k) is not None}
+        if sample.image is None and row.get("image"):
+            image_path = file.path.parent / str(row["image"])
+            if not image_path.is_file():
+                raise FileNotFoundError(f"{where}: image {image_path} does not exist")
+            with Image.open(image_path) as image:
+                sample.image = np.asarray(image.convert("RGB"))
     return list(samples.values())
 
 
@@ -169,15 +190,30 @@ def _most_common(rows: Sequence[dict[str, Any]], key: str) -> Any:
 
 
 def hold_others_fixed(
-    rows: list[dict[str, Any]], vary: str, fixed: Sequence[str]
+    rows: list[dict[str, Any]],
+    vary: str,
+    fixed: Sequence[str],
+    missing_means: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """Keep the rows at the most common value of each other sweep key, so one figure varies one thing.
 
-    Rows without the key (e.g. the original encoder has no ``llm``) are kept.
+    Rows without the key (e.g. the original encoder has no ``llm``) are kept, except for the keys
+    of ``missing_means`` (default ``MISSING_MEANS``): there a missing value is a setting of its own,
+    named by the mapping (``{"layer": "final"}``: a linear-probe row without ``layer`` probed the
+    final layer), and the rows are held at that setting whenever some rows have it, else at the
+    most common value.
     """
+    missing_means = MISSING_MEANS if missing_means is None else missing_means
     described = []
     for key in fixed:
-        if key == vary or len({str(r[key]) for r in rows if r.get(key) is not None}) < 2:
+        if key == vary:
+            continue
+        values = {str(r[key]) for r in rows if r.get(key) is not None}
+        if key in missing_means and values and any(r.get(key) is None for r in rows):
+            rows = [r for r in rows if r.get(key) is None]
+            described.append(f"{key} = {missing_means[key]}")
+            continue
+        if len(values) < 2:
             continue
         value = _most_common(rows, key)
         rows = [r for r in rows if r.get(key) is None or r.get(key) == value]
@@ -228,17 +264,21 @@ def _figure_plan(
         chosen = _labelled(rows["linear_probe"], ["vision_tower", "feature_point", "top1"], "linear_probe")
         methods = [str(r.get("method")) for r in chosen]
         method = "logreg" if "logreg" in methods else methods[0]
+        # One probed layer per figure: the final layer (rows without `layer`) unless only --layers ran.
         chosen, note = hold_others_fixed(chosen, "vision_tower", ["llm", "data_size", "pooling", "layer"])
         return plots.plot_linear_probe(chosen, path, method=method), f"Top-1 (%), method {method}{note}."
 
     def seg_recall(path: Path) -> tuple[Path, str]:
         chosen = _labelled(rows["seg_probe"], ["vision_tower", "recall"], "seg_probe")
         chosen, note = hold_others_fixed(chosen, "vision_tower", ["llm", "data_size"])
-        return plots.plot_seg_recall(chosen, path), f"Macro recall (%), mean ± std over seeds{note}."
+        caption = f"Macro recall (%) per feature point, mean ± std over seeds{note}."
+        return plots.plot_seg_recall(chosen, path), caption
 
     def alignment(path: Path) -> tuple[Path, str]:
         chosen = _labelled(rows["alignment"], ["vision", "language", "metric", "score"], "alignment")
-        return plots.plot_alignment(chosen, path), "Max alignment over layer pairs, mean ± std over seeds."
+        spread = "mean ± std over seeds" if len({r.get("seed") for r in chosen}) > 1 else "one seed (no std)"
+        # Bars are (vision, study labels) pairs: plots.ALIGNMENT_STUDY_KEYS tell studies apart.
+        return plots.plot_alignment(chosen, path), f"Max alignment over layer pairs, {spread}."
 
     def gradcam(path: Path) -> tuple[Path, str]:
         if not grouped["gradcam"]:
@@ -292,8 +332,8 @@ def _md_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _labels_of(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [k for k in ("run", *LABEL_KEYS) if any(r.get(k) is not None for r in rows)]
+def _present(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if any(r.get(k) is not None for r in rows)]
 
 
 def _mean_std(values: Sequence[float], scale: float) -> str:
@@ -310,14 +350,26 @@ def _grouped_table(
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(tuple(str(row.get(k, "")) for k in keys), []).append(row)
+    # Run labels with one value in every row (e.g. the same tower and LLM) go above the table, not in it.
+    shared = [
+        i
+        for i, k in enumerate(keys)
+        if k in RUN_LABEL_KEYS
+        and k not in ("run", "loss_type")
+        and len(groups) > 1
+        and len({key[i] for key in groups}) == 1
+    ]
+    note = "".join(f"{keys[i]}: `{next(iter(groups))[i]}`; " for i in shared).removesuffix("; ")
     body = []
     for key, members in groups.items():
-        cells = [*key, str(len(members))]
+        cells = [cell for i, cell in enumerate(key) if i not in shared] + [str(len(members))]
         for metric in metrics:
             values = [float(r[metric]) for r in members if r.get(metric) is not None]
             cells.append(_mean_std(values, scale) if values else "–")
         body.append(cells)
-    return _md_table([*keys, "n", *metrics], body)
+    headers = [k for i, k in enumerate(keys) if i not in shared]
+    table = _md_table([*headers, "n", *metrics], body)
+    return f"Every row: {note}.\n\n{table}" if note else table
 
 
 def kind_table(kind: str, files: Sequence[ResultsFile]) -> str:
@@ -326,18 +378,20 @@ def kind_table(kind: str, files: Sequence[ResultsFile]) -> str:
     if kind == "benchmarks":
         warnings = [w for file in files for w in file.doc.get("warnings", [])]
         return markdown_table(rows, warnings)
+    labels = _present(rows, RUN_LABEL_KEYS)  # seeds are averaged over, except in Grad-CAM (n = samples)
+    per_seed = [k for k in labels if k != "seed"]
     if kind == "linear_probe":
-        extra = [k for k in ("pooling", "layer") if any(r.get(k) is not None for r in rows)]
-        keys = [*(k for k in _labels_of(rows) if k != "seed"), "feature_point", *extra, "method"]
+        keys = [*per_seed, "feature_point", *_present(rows, ["pooling", "layer"]), "method"]
         return "Accuracies in %; n = seeds.\n\n" + _grouped_table(rows, keys, ["top1", "top5"], 100.0)
     if kind == "seg_probe":
-        keys = [k for k in _labels_of(rows) if k != "seed"]
+        keys = [*per_seed, *_present(rows, ["feature_point"])]
         return "Percentages; n = seeds.\n\n" + _grouped_table(
             rows, keys, ["recall", "micro_accuracy", "precision", "f1"], 100.0
         )
     if kind == "alignment":
-        return _grouped_table(rows, ["vision", "language", "metric", "k"], ["score"], 1.0)
-    keys = [k for k in ("run", "step", "loss_type") if any(r.get(k) is not None for r in rows)]
+        keys = [*per_seed, "vision", "language", "metric", "k", *_present(rows, ALIGNMENT_SETTINGS)]
+        return "n = seeds.\n\n" + _grouped_table(rows, keys, ["score"], 1.0)
+    keys = [*(k for k in labels if k != "loss_type"), *_present(rows, ["step", "loss_type"])]
     return "Mean ± std over samples; n = samples.\n\n" + _grouped_table(
         rows, keys, ["mass_in_box", "entropy"], 1.0
     )
@@ -417,7 +471,7 @@ def build_report(
         paths = write_outputs(aggregate(lmms_eval_dirs, load_labels(labels), specs), out_dir, specs)
         doc = json.loads(paths["json"].read_text(encoding="utf-8"))
         grouped["benchmarks"].append(
-            ResultsFile(paths["json"], "benchmarks", _rows_of(paths["json"], doc), doc)
+            ResultsFile(paths["json"], "benchmarks", rows_with_file_labels(paths["json"], doc), doc)
         )
     outcomes = draw_figures(grouped, out_dir / "figures")
     for outcome in outcomes:

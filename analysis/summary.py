@@ -5,7 +5,9 @@
   `llava.train.train` run), its loss type, steps, first/last logged loss and the last logged value of
   every other metric (rewards/*, logps/*, samples/s, tokens/s);
 - one section per results kind (docs/CONTRACTS.md §4: linear_probe, seg_probe, alignment, gradcam,
-  benchmarks) found anywhere below RUN_DIR, with its rows (alignment matrices dropped for size).
+  benchmarks) found anywhere below RUN_DIR, with its rows (alignment matrices dropped for size); each
+  row carries its file's top-level run labels (run, loss_type, vision_tower, llm, data_size, seed)
+  unless it has its own (analysis/results_rows.py, as analysis.report reads them).
 A section that has no input is listed under `missing`, so a consumer can tell "not run" from "empty".
 """
 
@@ -13,7 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
+
+from analysis.results_rows import rows_with_file_labels
+
+logger = logging.getLogger(__name__)
 
 RESULT_KINDS = ("linear_probe", "seg_probe", "alignment", "gradcam")
 
@@ -43,11 +50,18 @@ def results_sections(run_dir: Path) -> dict[str, list[dict]]:
     for path in sorted(run_dir.rglob("*.json")):
         try:
             payload = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            logger.warning(
+                "%s is not valid JSON (%s): not summarised; if it is a results file, rerun its step",
+                path,
+                err,
+            )
             continue
         if not isinstance(payload, dict) or payload.get("kind") not in RESULT_KINDS + ("benchmarks",):
             continue
-        rows = [{k: v for k, v in row.items() if k != "matrix"} for row in payload.get("rows", [])]
+        rows = [
+            {k: v for k, v in row.items() if k != "matrix"} for row in rows_with_file_labels(path, payload)
+        ]
         sections.setdefault(payload["kind"], []).extend(rows)
     return sections
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,78 @@ def test_prefix_tokens_dropped_and_cls_pooling(family: str, tmp_path: Path, worl
     assert torch.allclose(al.vision_features(encoder, images, pool="cls"), cls, atol=1e-5)
 
 
+def test_seeds_collapse_when_the_sample_covers_the_dataset(caplog: pytest.LogCaptureFixture) -> None:
+    assert al.seeds_to_run([0, 1, 2], 512, 1024) == [0, 1, 2]
+    assert al.seeds_to_run([4], 1024, 1024) == [4]
+    with caplog.at_level("WARNING", logger="analysis.alignment"):
+        assert al.seeds_to_run([3, 1, 2], 1024, 1024) == [3]
+    assert "covers all 1024 samples" in caplog.text and "seed 3 only" in caplog.text
+
+
+def test_table_of_one_seed_shows_no_spread() -> None:
+    rows = [{"vision": "sft", "language": "gemma", "metric": "mutual_knn", "k": 10, "seed": 0, "score": 0.25,
+             "vision_layer": 1, "language_layer": 2}]  # fmt: skip
+    summary = al.summarize(rows)
+    assert summary[0]["std"] is None
+    table = al.format_table(summary)
+    assert "±" not in table and "| sft | 0.2500 (n=1) |" in table and "One seed per cell (n = 1)" in table
+    two = al.summarize([rows[0], {**rows[0], "seed": 1, "score": 0.35}])
+    # hand: mean 0.30, std (ddof 1) = 0.05 * sqrt(2) = 0.0707
+    assert "| sft | 0.3000 ± 0.0707 |" in al.format_table(two)
+
+
+def test_alignment_script_defaults_to_one_seed(tmp_path: Path) -> None:
+    """scripts/eval/alignment.sh: 1024 samples of the 1024-pair prh file -> one seed, logged."""
+    script = Path(__file__).parents[1] / "scripts" / "eval" / "alignment.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("SEEDS", "NUM_SAMPLES", "OUTLIER_CLAMP")}
+    out = subprocess.run(["bash", str(script)], env={**env, "PYTHON": "echo"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert 'NUM_SAMPLES=1024 SEEDS="0" OUTLIER_CLAMP=precise' in out.stdout
+    assert "--num_samples 1024 --seeds 0 --pool mean --outlier_clamp precise " in out.stdout
+
+
+def _reference_best_mutual_knn(vision: np.ndarray, language: np.ndarray, mode: str, k: int) -> float:
+    """Independent numpy pipeline: clamp bound per platonic-rep `remove_outliers`, L2, set-based mutual k-NN."""
+
+    def prepared(x: np.ndarray) -> np.ndarray:
+        values = np.abs(x)
+        if mode == "precise":
+            bound = np.quantile(values, 0.95)
+        else:
+            bound = np.quantile(values.reshape(len(x), -1), 0.95, axis=1).mean()
+        x = np.clip(x, -bound, bound)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def neighbours(x: np.ndarray) -> list[set[int]]:
+        sims = x @ x.T
+        np.fill_diagonal(sims, -np.inf)
+        return [set(np.argsort(-r, kind="stable")[:k].tolist()) for r in sims]
+
+    v, lang = prepared(vision), prepared(language)
+    return max(
+        np.mean([len(p & q) / k for p, q in zip(neighbours(v[:, i]), neighbours(lang[:, j]))])
+        for i in range(v.shape[1])
+        for j in range(lang.shape[1])
+    )
+
+
+def test_score_layers_clamp_modes_match_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(64, 6, generator=gen)
+    vision = torch.stack([shared @ torch.randn(6, 16, generator=gen) + (i + 1) * torch.randn(64, 16, generator=gen)
+                          for i in range(3)], dim=1)  # fmt: skip
+    language = torch.stack([shared @ torch.randn(6, 24, generator=gen) + 2 * torch.randn(64, 24, generator=gen)
+                            for _ in range(4)], dim=1)  # fmt: skip
+    language[:, :, 3] += 200 * torch.rand(64, 4, generator=gen)  # per-sample massive activation
+    language[:32] *= 3
+    scores = {}
+    for mode in ("precise", "per_sample_mean"):
+        scores[mode] = al.score_layers(vision, language, "mutual_knn", 5, outlier_clamp=mode).score
+        expected = _reference_best_mutual_knn(vision.numpy(), language.numpy(), mode, 5)
+        assert scores[mode] == pytest.approx(expected, abs=1e-6), mode
+    assert abs(scores["precise"] - scores["per_sample_mean"]) > 0.01  # the data tells the modes apart
+
+
 def test_config_fails_fast(world: Path) -> None:
     base = {"data": str(world), "vision": ["v"], "language": ["l"], "output_dir": "out"}
     with pytest.raises(ValueError, match="--k must be in"):
@@ -271,6 +344,8 @@ def test_config_fails_fast(world: Path) -> None:
         al.AlignmentConfig(**base, metrics=["svcca"])
     with pytest.raises(ValueError, match="unique"):
         al.AlignmentConfig(**{**base, "vision": ["a=x", "a=y"]})
+    with pytest.raises(ValueError, match="--outlier_clamp must be one of"):
+        al.AlignmentConfig(**base, outlier_clamp="exact")
 
 
 @pytest.mark.slow
@@ -356,3 +431,16 @@ def test_cli_end_to_end(world: Path, siglip_dir: Path, export_dir: Path, tmp_pat
     table = (out / "alignment.md").read_text()
     assert "### mutual_knn (k=4)" in table and "| tiny |" in table
     assert (out / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_whole_dataset_runs_one_seed_and_says_n_1(world: Path, siglip_dir: Path, tmp_path: Path) -> None:
+    """--num_samples = dataset size with three seeds: one seed scored, no ± std in alignment.md."""
+    out = tmp_path / "alignment"
+    results = al.main(["--data", str(world), "--vision", f"tiny={siglip_dir}", "--language", "minilm",
+                       "--k", "4", "--num_samples", "32", "--seeds", "5", "1", "2", "--outlier_clamp", "per_sample_mean",
+                       "--device", "cpu", "--output_dir", str(out)])  # fmt: skip
+    assert [row["seed"] for row in results["rows"]] == [5]
+    assert results["config"]["seeds"] == [5] and results["config"]["outlier_clamp"] == "per_sample_mean"
+    assert results["rows"][0]["outlier_clamp"] == "per_sample_mean"
+    table = (out / "alignment.md").read_text()
+    assert "±" not in table and "(n=1)" in table

@@ -19,6 +19,7 @@ from analysis.alignment_metrics import (
     knn_indices,
     mutual_knn,
     mutual_knn_matrix,
+    per_sample_quantile_abs,
     prepare_features,
     quantile_abs,
     unbiased_cka,
@@ -162,6 +163,43 @@ def test_prepare_features_clamps_then_normalises() -> None:
     assert torch.allclose(prepare_features(x, q=1.0), torch.nn.functional.normalize(x, dim=-1))
 
 
+def _heteroscedastic_features(seed: int = 10) -> torch.Tensor:
+    """[N, L, D] features with a per-sample "massive activation" channel and half the samples 3x larger,
+    where the two clamp modes give clearly different bounds."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(24, 3, 10, generator=gen)
+    x[:, :, 3] += 200 * torch.rand(24, 3, generator=gen)
+    x[:12] *= 3
+    return x
+
+
+def test_per_sample_mean_bound_matches_numpy() -> None:
+    """platonic-rep without --precise: mean over samples of each sample's quantile over its L*D entries."""
+    x = _heteroscedastic_features()
+    flat = np.abs(x.numpy()).reshape(24, -1)
+    for q in (0.95, 0.5, 0.01, 1.0):
+        expected = np.quantile(flat, q, axis=1).mean()
+        assert per_sample_quantile_abs(x, q).item() == pytest.approx(expected, rel=1e-6)
+    assert per_sample_quantile_abs(x[:, 0], 0.95).item() == pytest.approx(
+        np.quantile(np.abs(x[:, 0].numpy()), 0.95, axis=1).mean(), rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["precise", "per_sample_mean"])
+def test_prepare_features_clamp_modes_match_numpy(mode: str) -> None:
+    x = _heteroscedastic_features()
+    values = np.abs(x.numpy())
+    if mode == "precise":
+        bound = np.quantile(values, 0.95)
+    else:
+        bound = np.quantile(values.reshape(len(values), -1), 0.95, axis=1).mean()
+    expected = np.clip(x.numpy(), -bound, bound)
+    expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    assert np.allclose(prepare_features(x, 0.95, mode).numpy(), expected, atol=1e-6)
+    other = "per_sample_mean" if mode == "precise" else "precise"
+    assert not np.allclose(prepare_features(x, 0.95, other).numpy(), expected, atol=1e-3)
+
+
 def test_bad_inputs_raise() -> None:
     a = torch.randn(5, 3)
     with pytest.raises(ValueError, match="k must satisfy"):
@@ -176,3 +214,5 @@ def test_bad_inputs_raise() -> None:
         alignment_matrix("cka", a, a, 2)
     with pytest.raises(ValueError, match="quantile"):
         prepare_features(a, q=0.0)
+    with pytest.raises(ValueError, match="unknown outlier_clamp 'exact'"):
+        prepare_features(a, outlier_clamp="exact")

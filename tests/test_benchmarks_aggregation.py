@@ -16,17 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.benchmarks import (
-    RECOMPUTERS,
-    BenchmarkKeyError,
-    aggregate,
-    load_registry,
-    main,
-    mmvp_pair_accuracy,
-    read_samples,
-    source_accuracies,
-    write_outputs,
-)
+from analysis.benchmark_samples import RECOMPUTERS, mmvp_pair_accuracy, read_samples, source_accuracies
+from analysis.benchmarks import BenchmarkKeyError, aggregate, load_registry, main, write_outputs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lmms_eval"
 RUNS = FIXTURES / "runs"

@@ -180,6 +180,11 @@ def test_feature_cache_second_run_does_not_call_encoder(
     for name in first.arrays:
         np.testing.assert_array_equal(first[name], second[name])
     np.testing.assert_array_equal(second.labels, [0, 1, 0, 1, 2])
+    # the same pixels labelled otherwise: cached features, but the new labels (not the first run's)
+    relabelled = extract_features(
+        encoders["export"], array_source(images, labels=[4, 3, 2, 1, 0]), options, tmp_path
+    )
+    np.testing.assert_array_equal(relabelled.labels, [4, 3, 2, 1, 0])
     # other pixels or other options are other cache entries
     with pytest.raises(AssertionError, match="cached"):
         extract_features(encoders["export"], array_source(images[::-1].copy()), options, tmp_path)

@@ -35,7 +35,8 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the eval ex
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 
-from analysis.benchmarks import BENCHMARKS, aggregate, load_registry, read_samples  # noqa: E402
+from analysis.benchmark_samples import read_samples  # noqa: E402
+from analysis.benchmarks import BENCHMARKS, aggregate, load_registry  # noqa: E402
 from llava.data.tokenization import (  # noqa: E402
     IGNORE_INDEX,
     tokenize_conversation,
@@ -83,6 +84,7 @@ def checkpoints(tiny_dir, tmp_path_factory) -> dict[str, Path]:
         cfg = ModelConfig(
             llm=str(tiny_dir / "llm"), vision_tower=str(tiny_dir / "siglip"), image_aspect_ratio=aspect
         )
+        torch.manual_seed(1)  # build_model draws the anyres image_newline from the global RNG
         model, tokenizer, processor = build_model(cfg)
         _noisy(model)
         out[aspect] = root / aspect

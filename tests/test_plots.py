@@ -125,3 +125,45 @@ def test_gradcam_grid_rows_share_one_colour_scale(tmp_path, monkeypatch):
     sample = plots.GradcamSample("s", None, {"sft": np.array([[1.0, 2.0]]), "dpo": np.array([[4.0, 0.0]])})
     plots.plot_gradcam_grid([sample], tmp_path / "g.png")
     assert shown == [([[0.25, 0.5]], 0.0, 1.0), ([[1.0, 0.0]], 0.0, 1.0)]
+
+
+@pytest.fixture
+def bar_heights(monkeypatch) -> list[tuple[float, str | None]]:
+    """Every bar drawn: (height, legend label), recorded from matplotlib's Axes.bar."""
+    import matplotlib.axes
+
+    real_bar = matplotlib.axes.Axes.bar
+    drawn: list[tuple[float, str | None]] = []
+
+    def recording_bar(self, x, height, *args, **kwargs):
+        drawn.append((float(height), kwargs.get("label")))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    return drawn
+
+
+def test_seg_recall_draws_a_panel_per_feature_point(tmp_path, bar_heights):
+    rows = [
+        {"run": "sft", "loss_type": "sft", "vision_tower": "so16", "feature_point": point, "seed": s,
+         "recall": recall + 0.001 * s}
+        for point, recall in (("encoder", 0.30), ("projector", 0.60)) for s in range(3)
+    ]  # fmt: skip
+    _assert_png(plots.plot_seg_recall(rows, tmp_path / "seg.png"))
+    # hand: mean of (30.0, 30.1, 30.2) and of (60.0, 60.1, 60.2); never their average 45.1
+    assert [round(height, 6) for height, _ in bar_heights] == [30.1, 60.1]
+
+
+def test_alignment_bars_keep_studies_of_different_towers_apart(tmp_path, bar_heights):
+    rows = [
+        {"run": v, "loss_type": v, "vision_tower": tower, "vision": v, "language": "gemma-2b",
+         "metric": "mutual_knn", "k": 10, "seed": s, "score": base + (0.02 if v == "dpo" else 0.0)}
+        for tower, base in (("b16", 0.10), ("so16", 0.20)) for v in ("sft", "dpo") for s in range(3)
+    ]  # fmt: skip
+    _assert_png(plots.plot_alignment(rows, tmp_path / "align.png"))
+    assert sorted((label, round(h, 6)) for h, label in bar_heights) == [
+        ("dpo (b16)", 0.12),
+        ("dpo (so16)", 0.22),
+        ("sft (b16)", 0.10),
+        ("sft (so16)", 0.20),
+    ]

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Platonic representation alignment (Huh et al. 2024; paper Fig. 10; DESIGN §5): mutual k-NN (k = 10) of every
 # vision-encoder layer with every layer of each reference LLM on 1024 image-caption pairs (prh format),
-# 3 seeds, max over layer pairs -> runs/alignment/{alignment.json, alignment.md, alignment.png}.
+# max over layer pairs -> runs/alignment/${RUN_BASE}/{alignment.json, alignment.md, alignment.png}.
+# Seeds only choose which NUM_SAMPLES pairs are drawn: prh wit_1024 has exactly 1024 pairs, so the
+# default is one seed (n = 1, no std). The paper's 3 seeds need NUM_SAMPLES below the dataset size,
+# e.g. NUM_SAMPLES=512 SEEDS="0 1 2"; given several seeds with NUM_SAMPLES = dataset size,
+# analysis.alignment scores the first seed only and logs a warning.
 # Every variable can be set from the environment; extra arguments go to `python -m analysis.alignment`
 # (e.g. --pool cls, --max_text_length 128). VISION / LANGUAGE are space-separated NAME=PATH lists.
 set -euo pipefail
@@ -22,15 +26,17 @@ LANGUAGE=${LANGUAGE:-"gemma-2b=google/gemma-2b gemma-7b=google/gemma-7b llama3-8
 METRICS=${METRICS:-mutual_knn}
 K=${K:-10}
 NUM_SAMPLES=${NUM_SAMPLES:-1024}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-0}
 POOL=${POOL:-mean}
 BATCH_SIZE=${BATCH_SIZE:-32}
 DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-auto}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/alignment/${RUN_BASE}}
+OUTLIER_CLAMP=${OUTLIER_CLAMP:-precise}  # or per_sample_mean (platonic-rep's README command, no --precise)
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+echo "[alignment] NUM_SAMPLES=$NUM_SAMPLES SEEDS=\"$SEEDS\" OUTLIER_CLAMP=$OUTLIER_CLAMP -> $OUTPUT_DIR"
 
 # shellcheck disable=SC2086  # word splitting of the space-separated lists is intended
 "$PYTHON" -m analysis.alignment --data "$DATA" --split "$SPLIT" --vision $VISION --language $LANGUAGE \
-  --metrics $METRICS --k "$K" --num_samples "$NUM_SAMPLES" --seeds $SEEDS --pool "$POOL" \
+  --metrics $METRICS --k "$K" --num_samples "$NUM_SAMPLES" --seeds $SEEDS --pool "$POOL" --outlier_clamp "$OUTLIER_CLAMP" \
   --batch_size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE" --output_dir "$OUTPUT_DIR" "$@"
