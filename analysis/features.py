@@ -7,8 +7,12 @@ projector (`linear_2(gelu(linear_1(x)))`, the LLM's visual tokens). Poolings: "m
 float16 for the segmentation probe). Per-layer features come from `layers` (hidden-state indices).
 
 For a plain HF vision-model directory without export.json, the last hidden state is used and the prefix
-tokens follow the encoder registry's rule for its model type (`llava.model.encoders`). Images go through the directory's own
-image processor, always the PIL backend (torchvision is not part of the CPU install). Results are cached
+tokens follow the encoder registry's rule for its model type (`llava.model.encoders`). That is not the
+MLLM's feature point (SigLIP: penultimate layer; DINOv2/MAE/ViT: after the final norm; conformed
+processors): for an "original encoder" baseline export the untrained tower with
+`python -m llava.export --vision_tower NAME OUT_DIR`. A `cls_patch` export (tokens_per_image = grid² + 1)
+gives patch features without its CLS token. Images go through the directory's own image processor,
+always the PIL backend (torchvision is not part of the CPU install). Results are cached
 on disk under a key made of the encoder checksum, the dataset identity and the options, so a re-run loads
 the arrays (memory-mapped) without loading the model.
 """
@@ -21,8 +25,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +34,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from analysis.image_sources import ImageSource, center_square_crop, image_source_from_args, stable_hash
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: labels no longer cached (they come from the source)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FEATURE_POINTS = ("encoder", "projector")
 POOLINGS = ("mean", "cls", "tokens")
 DEFAULT_CACHE_DIR = Path(os.environ.get("PIVOT_FEATURE_CACHE", Path.home() / ".cache" / "pivot" / "features"))
@@ -57,11 +61,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of `obj`."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def directory_checksum(path: Path) -> str:
     """sha256 over the relative paths and contents of every file below `path` (sorted)."""
     digest = hashlib.sha256()
@@ -74,154 +73,6 @@ def directory_checksum(path: Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def _array_digest(array: np.ndarray) -> str:
-    array = np.ascontiguousarray(array)
-    return hashlib.sha256(str((array.shape, array.dtype.str)).encode() + array.tobytes()).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class ImageSource:
-    """Images (and optional integer labels) addressed by position, with a stable identity for the cache.
-
-    `square_crop` asks for the largest centred square crop, resized by the extractor to the encoder's input
-    size (the segmentation-probe preprocessing; masks get the same crop with nearest resizing).
-    """
-
-    name: str
-    key: str
-    load_item: Callable[[int], Image.Image]
-    indices: np.ndarray
-    labels: np.ndarray | None = None
-    class_names: list[str] | None = None
-    square_crop: bool = False
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def load(self, position: int) -> Image.Image:
-        return self.load_item(int(self.indices[position]))
-
-    def identity(self) -> str:
-        return stable_hash([self.key, self.square_crop, _array_digest(self.indices)])
-
-    def subset(self, positions: np.ndarray) -> ImageSource:
-        positions = np.asarray(positions, dtype=np.int64)
-        labels = None if self.labels is None else self.labels[positions]
-        return replace(self, indices=self.indices[positions], labels=labels)
-
-    def with_square_crop(self) -> ImageSource:
-        return replace(self, square_crop=True)
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:
-        raise OSError(f"{path}: cannot read image ({error})") from error
-
-
-def file_list_source(paths: Sequence[Path], name: str, labels: np.ndarray | None = None) -> ImageSource:
-    """Images from explicit files; the identity covers each file's path, size and modification time."""
-    paths = [Path(p) for p in paths]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{name}: {len(missing)} image files missing, e.g. {missing[:5]}")
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return ImageSource(name, stable_hash(stats), lambda i: _open_rgb(paths[i]), np.arange(len(paths)), labels)
-
-
-def image_folder_source(root: str | Path) -> ImageSource:
-    """ImageFolder layout `root/<class>/<image>`; classes are the sorted sub-folder names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder does not exist")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise ValueError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
-    paths: list[Path] = []
-    labels: list[int] = []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.iterdir() if p.is_file())
-        others = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
-        if others or not files:
-            raise ValueError(
-                f"{class_dir}: want only image files {IMAGE_EXTENSIONS}; found {others[:5] or 'none'}"
-            )
-        paths += files
-        labels += [label] * len(files)
-    source = file_list_source(paths, name=str(root), labels=np.asarray(labels, dtype=np.int64))
-    return replace(source, class_names=[p.name for p in class_dirs])
-
-
-def hf_dataset_source(
-    path: str | Path,
-    split: str | None = None,
-    image_column: str = "image",
-    label_column: str | None = "label",
-) -> ImageSource:
-    """A `datasets.save_to_disk` directory (Dataset, or DatasetDict with `split`)."""
-    import datasets
-
-    data = datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"{path}: a DatasetDict with splits {list(data)}; pass one of them as split")
-        data = data[split]
-    if image_column not in data.column_names:
-        raise ValueError(f"{path}: no image column {image_column!r} (columns: {data.column_names})")
-    labels = class_names = None
-    if label_column in data.column_names:
-        labels = np.asarray(data[label_column], dtype=np.int64)
-        class_names = getattr(data.features[label_column], "names", None)
-
-    def load_item(index: int) -> Image.Image:
-        image = data[index][image_column]
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"{path}: record {index} column {image_column!r} holds {type(image).__name__}")
-        return image.convert("RGB")
-
-    key = stable_hash([str(Path(path).resolve()), split, data._fingerprint])
-    return ImageSource(f"{path}:{split}", key, load_item, np.arange(len(data)), labels, class_names)
-
-
-def array_source(
-    images: np.ndarray | Sequence[np.ndarray], labels: Sequence[int] | None = None, name: str = "arrays"
-) -> ImageSource:
-    """In-memory uint8 images, [H, W] (grayscale) or [H, W, 3] each; the identity is a hash of the pixels."""
-    arrays = [np.asarray(image) for image in images]
-    for index, array in enumerate(arrays):
-        if array.dtype != np.uint8 or array.ndim not in (2, 3) or array.shape[2:] not in ((), (3,)):
-            raise ValueError(
-                f"{name}: image {index} is {array.dtype} {array.shape}; want uint8 [H,W] or [H,W,3]"
-            )
-    label_array = None if labels is None else np.asarray(labels, dtype=np.int64)
-    if label_array is not None and len(label_array) != len(arrays):
-        raise ValueError(f"{name}: {len(arrays)} images but {len(label_array)} labels")
-    key = stable_hash([_array_digest(array) for array in arrays])
-
-    def load_item(index: int) -> Image.Image:
-        return Image.fromarray(arrays[index]).convert("RGB")
-
-    return ImageSource(name, key, load_item, np.arange(len(arrays)), label_array)
-
-
-def center_square_crop(image: Image.Image) -> Image.Image:
-    """Largest centred square crop (same box for an image and its mask of equal size)."""
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return image.crop((left, top, left + side, top + side))
-
-
-def image_source_from_args(path: str, data_format: str, split: str | None) -> ImageSource:
-    """CLI helper: an ImageFolder directory (`path/split` when a split is given) or a datasets directory."""
-    if data_format == "imagefolder":
-        return image_folder_source(Path(path) / split if split else path)
-    return hf_dataset_source(path, split)
 
 
 # ---------------------------------------------------------------------------------------------- encoders
@@ -276,6 +127,11 @@ def read_encoder_spec(path: str | Path) -> EncoderSpec:
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "unknown")
         labels = {k: export[k] for k in ("loss_type", "vision_tower", "llm", "global_step") if k in export}
         layer, prefix = int(export["feature_layer"]), int(export["num_prefix_tokens"])
+        grid = export.get("grid")
+        if prefix == 0 and grid and export.get("tokens_per_image") == grid[0] * grid[1] + 1:
+            # mm_vision_select_feature cls_patch: the MLLM also saw the CLS token; patch features drop it
+            logger.info("%s: cls_patch export; the CLS token is left out of the patch features", path)
+            prefix = 1
         return EncoderSpec(
             path,
             model_dir,

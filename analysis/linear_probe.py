@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from analysis.features import (
     DEFAULT_CACHE_DIR,
     FeatureOptions,
-    ImageSource,
     extract_features,
     feature_name,
-    image_source_from_args,
     read_encoder_spec,
     resolve_device,
 )
+from analysis.image_sources import ImageSource, image_source_from_args
 
 logger = logging.getLogger(__name__)
 

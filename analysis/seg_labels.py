@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from analysis.features import center_square_crop
+from analysis.image_sources import center_square_crop
 
 
 def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:

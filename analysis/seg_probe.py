@@ -31,20 +31,17 @@ from PIL import Image
 
 from analysis.features import (
     DEFAULT_CACHE_DIR,
-    IMAGE_EXTENSIONS,
     EncoderSpec,
     FeatureOptions,
-    center_square_crop,
     extract_features,
     feature_name,
-    file_list_source,
     load_processor,
     patch_grid,
     processed_size,
     read_encoder_spec,
     resolve_device,
-    stable_hash,
 )
+from analysis.image_sources import IMAGE_EXTENSIONS, center_square_crop, file_list_source, stable_hash
 from analysis.seg_labels import (
     PatchCounts,
     class_palette,

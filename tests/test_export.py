@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from stage_fixtures import exported_tokens, mllm_tokens, train, write_world
 
-from analysis.features import FeatureOptions, array_source, extract_features
+from analysis.features import FeatureOptions, extract_features
+from analysis.image_sources import array_source
 from llava.export import apply_projector, export_checkpoint, export_model, fold_projector, main, read_export
 from llava.model.builder import ModelConfig, build_model, load_model, save_model
 

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import analysis.features as features
-from analysis.features import FeatureOptions, array_source, extract_features, image_folder_source
+from analysis import image_sources
+from analysis.features import FeatureOptions, extract_features
+from analysis.image_sources import array_source, image_folder_source
 
 SIZE, PATCH = 16, 4  # 4 x 4 = 16 patch tokens
 
@@ -210,7 +212,7 @@ def test_image_folder_hf_dataset_and_square_crop_sources(
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(records, features=features_info)}).save_to_disk(
         tmp_path / "hf"
     )
-    hf_source = features.hf_dataset_source(tmp_path / "hf", "train")
+    hf_source = image_sources.hf_dataset_source(tmp_path / "hf", "train")
     assert hf_source.class_names == ["cat", "dog"] and hf_source.labels.tolist() == [0, 0, 1, 1, 1]
     options = FeatureOptions(pooling=("mean",))
     from_folder = extract_features(encoders["siglip"], source, options, cache_dir=None, progress=False)

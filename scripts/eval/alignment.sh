@@ -8,6 +8,10 @@
 # analysis.alignment scores the first seed only and logs a warning.
 # Every variable can be set from the environment; extra arguments go to `python -m analysis.alignment`
 # (e.g. --pool cls, --max_text_length 128). VISION / LANGUAGE are space-separated NAME=PATH lists.
+# Original-encoder baseline: BASELINE_TOWER=siglip2-so16 (preset, hub id or dir) exports the untrained tower
+# once, exactly as the MLLM reads it (`python -m llava.export --vision_tower`, no projector), to $BASELINE_DIR
+# and adds it to VISION as "$BASELINE_NAME". Give the trained runs' tower flags in BASELINE_EXPORT_ARGS
+# (e.g. "--mm_vision_select_layer -2"; default: the builder's, as the training scripts use).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -33,8 +37,18 @@ DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-auto}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/alignment/${RUN_BASE}}
 OUTLIER_CLAMP=${OUTLIER_CLAMP:-precise}  # or per_sample_mean (platonic-rep's README command, no --precise)
+BASELINE_TOWER=${BASELINE_TOWER:-}
+BASELINE_NAME=${BASELINE_NAME:-original}
+BASELINE_DIR=${BASELINE_DIR:-$OUTPUT_DIR/original_encoder}
+BASELINE_EXPORT_ARGS=${BASELINE_EXPORT_ARGS:-}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 echo "[alignment] NUM_SAMPLES=$NUM_SAMPLES SEEDS=\"$SEEDS\" OUTLIER_CLAMP=$OUTLIER_CLAMP -> $OUTPUT_DIR"
+
+if [ -n "$BASELINE_TOWER" ]; then
+  # shellcheck disable=SC2086  # word splitting of the flag list is intended
+  "$PYTHON" -m llava.export --vision_tower "$BASELINE_TOWER" "$BASELINE_DIR" $BASELINE_EXPORT_ARGS
+  VISION="$VISION $BASELINE_NAME=$BASELINE_DIR"
+fi
 
 # shellcheck disable=SC2086  # word splitting of the space-separated lists is intended
 "$PYTHON" -m analysis.alignment --data "$DATA" --split "$SPLIT" --vision $VISION --language $LANGUAGE \

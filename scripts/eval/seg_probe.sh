@@ -9,6 +9,11 @@
 # Without encoder arguments the matched SFT and DPO runs of $RUN_BASE are probed. DATA is an ADE20K-layout
 # root (images/{training,validation}, annotations/{training,validation}), e.g. ADEChallengeData2016 or the
 # synthetic world's <world>/ade. Every variable below can be set from the environment.
+#
+# Original-encoder baseline: BASELINE_TOWER=siglip2-so16 (preset, hub id or dir) exports the untrained tower
+# once, exactly as the MLLM reads it (`python -m llava.export --vision_tower`, no projector), to $BASELINE_DIR
+# and probes it as run "$BASELINE_NAME" next to the trained runs (FEATURE_POINT=encoder only). Give the trained
+# runs' tower flags in BASELINE_EXPORT_ARGS (e.g. "--mm_vision_select_layer -2"; default: the builder's).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -28,6 +33,10 @@ N_QUALITATIVE=${N_QUALITATIVE:-8}
 DEVICE=${DEVICE:-auto}
 CACHE_DIR=${CACHE_DIR:-${PIVOT_FEATURE_CACHE:-$HOME/.cache/pivot/features}}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/seg_probe/${RUN_BASE}}
+BASELINE_TOWER=${BASELINE_TOWER:-}
+BASELINE_NAME=${BASELINE_NAME:-original}
+BASELINE_DIR=${BASELINE_DIR:-$OUTPUT_DIR/original_encoder}
+BASELINE_EXPORT_ARGS=${BASELINE_EXPORT_ARGS:-}
 
 encoder_args=()
 while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do encoder_args+=("$1"); shift; done
@@ -39,6 +48,15 @@ for item in "${encoder_args[@]}"; do
 done
 
 mkdir -p "$OUTPUT_DIR"
+if [ -n "$BASELINE_TOWER" ]; then
+  if [ "$FEATURE_POINT" = projector ]; then
+    echo "[seg_probe] BASELINE_TOWER exports no projector: FEATURE_POINT=projector cannot include it" >&2
+    exit 1
+  fi
+  # shellcheck disable=SC2086  # word splitting of the flag list is intended
+  "$PYTHON" -m llava.export --vision_tower "$BASELINE_TOWER" "$BASELINE_DIR" $BASELINE_EXPORT_ARGS
+  names+=("$BASELINE_NAME"); paths+=("$BASELINE_DIR")
+fi
 "$PYTHON" -m analysis.seg_probe --encoders "${paths[@]}" --run-names "${names[@]}" --data "$DATA" \
   --seeds "$SEEDS" --feature-point "$FEATURE_POINT" --num-classes "$NUM_CLASSES" --epochs "$EPOCHS" \
   --batch-size "$BATCH_SIZE" --feature-batch-size "$FEATURE_BATCH_SIZE" --n-qualitative "$N_QUALITATIVE" \
