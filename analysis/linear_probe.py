@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from analysis.features import (
     DEFAULT_CACHE_DIR,
+    EncoderSpec,
     FeatureOptions,
     extract_features,
     feature_name,
@@ -295,6 +296,18 @@ def align_eval_labels(train: ImageSource, evaluation: ImageSource) -> np.ndarray
     return np.array([index[name] for name in evaluation.class_names])[evaluation.labels]
 
 
+def options_for(spec: EncoderSpec, options: FeatureOptions) -> FeatureOptions:
+    """`options` for one encoder: an encoder without a projector (a tower-only "original" export or a plain
+    HF directory) is probed at its other feature points, with a warning; with none left it is an error."""
+    if "projector" not in options.feature_points or spec.projector_dir is not None:
+        return options
+    points = tuple(p for p in options.feature_points if p != "projector")
+    if not points:
+        raise ValueError(f"{spec.path}: has no projector/, and --feature-points asks for the projector only")
+    logger.warning("%s: no projector/, so no projector rows; probing %s only", spec.path, ", ".join(points))
+    return replace(options, feature_points=points)
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of the result rows (percent)."""
     lines = [
@@ -393,9 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for encoder, run in zip(args.encoders, names):
         spec = read_encoder_spec(encoder)
-        train_features = extract_features(spec, train, options, args.cache_dir, args.device)
-        eval_features = extract_features(spec, evaluation, options, args.cache_dir, args.device)
-        for point, pooling, layer in options.targets():
+        encoder_options = options_for(spec, options)
+        train_features = extract_features(spec, train, encoder_options, args.cache_dir, args.device)
+        eval_features = extract_features(spec, evaluation, encoder_options, args.cache_dir, args.device)
+        for point, pooling, layer in encoder_options.targets():
             name = feature_name(point, pooling, layer)
             labels = {k: v for k, v in spec.run_labels.items() if k != "run"}
             logger.info("%s %s: probing", run, name)

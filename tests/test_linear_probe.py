@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
+from analysis.features import FeatureOptions, read_encoder_spec
 from analysis.linear_probe import (
     LinearModel,
     LinearProbeConfig,
@@ -20,6 +23,7 @@ from analysis.linear_probe import (
     fit_prototype,
     fit_torch_lbfgs,
     main,
+    options_for,
     random_subset,
     run_linear_probe,
     sweep_c,
@@ -193,3 +197,19 @@ def test_cli_writes_contract_results_for_several_encoders(tmp_path: Path) -> Non
         assert (row["C"] is None) == (row["method"] == "prototype")
     assert rows[0]["top1"] == pytest.approx(rows[3]["top1"])  # same weights (seed 0) → same result
     assert "torch_lbfgs" in (tmp_path / "lp.md").read_text()
+
+
+def test_encoders_without_a_projector_are_probed_at_their_other_points(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tower-only "original" export or a plain HF dir has no projector/: one run mixes it with trained
+    exports, so it loses the projector rows (with a warning) instead of failing the whole command."""
+    plain = read_encoder_spec(_tiny_siglip(tmp_path / "original"))
+    both = FeatureOptions(feature_points=("encoder", "projector"))
+    with caplog.at_level(logging.WARNING):
+        assert options_for(plain, both).feature_points == ("encoder",)
+    assert "no projector/" in caplog.text
+    exported = replace(plain, projector_dir=tmp_path / "projector")
+    assert options_for(exported, both) is both
+    with pytest.raises(ValueError, match="projector only"):
+        options_for(plain, FeatureOptions(feature_points=("projector",)))

@@ -37,18 +37,12 @@ DEVICE=${DEVICE:-auto}
 DTYPE=${DTYPE:-auto}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/alignment/${RUN_BASE}}
 OUTLIER_CLAMP=${OUTLIER_CLAMP:-precise}  # or per_sample_mean (platonic-rep's README command, no --precise)
-BASELINE_TOWER=${BASELINE_TOWER:-}
-BASELINE_NAME=${BASELINE_NAME:-original}
-BASELINE_DIR=${BASELINE_DIR:-$OUTPUT_DIR/original_encoder}
-BASELINE_EXPORT_ARGS=${BASELINE_EXPORT_ARGS:-}
+source scripts/eval/common.sh
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 echo "[alignment] NUM_SAMPLES=$NUM_SAMPLES SEEDS=\"$SEEDS\" OUTLIER_CLAMP=$OUTLIER_CLAMP -> $OUTPUT_DIR"
 
-if [ -n "$BASELINE_TOWER" ]; then
-  # shellcheck disable=SC2086  # word splitting of the flag list is intended
-  "$PYTHON" -m llava.export --vision_tower "$BASELINE_TOWER" "$BASELINE_DIR" $BASELINE_EXPORT_ARGS
-  VISION="$VISION $BASELINE_NAME=$BASELINE_DIR"
-fi
+pivot_baseline
+[ -z "$BASELINE_TOWER" ] || VISION="$VISION $BASELINE_NAME=$BASELINE_DIR"
 
 # shellcheck disable=SC2086  # word splitting of the space-separated lists is intended
 "$PYTHON" -m analysis.alignment --data "$DATA" --split "$SPLIT" --vision $VISION --language $LANGUAGE \

@@ -11,10 +11,9 @@
 #
 # Original-encoder baseline: BASELINE_TOWER=siglip2-so16 (preset, hub id or dir) exports the untrained tower
 # once, exactly as the MLLM reads it (`python -m llava.export --vision_tower`, no projector), to $BASELINE_DIR
-# and probes it as run "$BASELINE_NAME". Give the trained runs' tower flags in BASELINE_EXPORT_ARGS (e.g.
-# "--mm_vision_select_layer -2"; default: the builder's, as the training scripts use). It joins the trained
-# runs' command when FEATURE_POINTS has no "projector"; otherwise it is probed at the encoder-side points in a
-# second command -> $OUTPUT_DIR/linear_probe_$BASELINE_NAME.{json,md} (analysis.report merges the files).
+# and probes it as run "$BASELINE_NAME" (scripts/eval/common.sh). Give the trained runs' tower flags in
+# BASELINE_EXPORT_ARGS (e.g. "--mm_vision_select_layer -2"; default: the builder's, as the training scripts
+# use). Having no projector, it is probed at the encoder feature point only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -36,47 +35,14 @@ NUM_WORKERS=${NUM_WORKERS:-8}
 DEVICE=${DEVICE:-auto}
 CACHE_DIR=${CACHE_DIR:-${PIVOT_FEATURE_CACHE:-$HOME/.cache/pivot/features}}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/linear_probe/${RUN_BASE}}
-BASELINE_TOWER=${BASELINE_TOWER:-}
-BASELINE_NAME=${BASELINE_NAME:-original}
-BASELINE_DIR=${BASELINE_DIR:-$OUTPUT_DIR/original_encoder}
-BASELINE_EXPORT_ARGS=${BASELINE_EXPORT_ARGS:-}
-
-encoder_args=()
-while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do encoder_args+=("$1"); shift; done
-if [ ${#encoder_args[@]} -eq 0 ]; then read -r -a encoder_args <<< "$ENCODERS"; fi
-names=(); paths=()
-for item in "${encoder_args[@]}"; do
-  if [ "${item#*=}" != "$item" ]; then names+=("${item%%=*}"); paths+=("${item#*=}");
-  else names+=("$(basename "$item")"); paths+=("$item"); fi
-done
+source scripts/eval/common.sh
 
 mkdir -p "$OUTPUT_DIR"
-baseline_points=()  # set when the baseline needs its own command (FEATURE_POINTS asks for the projector)
-if [ -n "$BASELINE_TOWER" ]; then
-  wants_projector=false
-  for point in $FEATURE_POINTS; do
-    if [ "$point" = projector ]; then wants_projector=true; else baseline_points+=("$point"); fi
-  done
-  if [ ${#baseline_points[@]} -eq 0 ]; then
-    echo "[linear_probe] BASELINE_TOWER has no projector: FEATURE_POINTS=\"$FEATURE_POINTS\" leaves nothing to probe" >&2
-    exit 1
-  fi
-  # shellcheck disable=SC2086  # word splitting of the flag list is intended
-  "$PYTHON" -m llava.export --vision_tower "$BASELINE_TOWER" "$BASELINE_DIR" $BASELINE_EXPORT_ARGS
-  if [ "$wants_projector" = false ]; then
-    names+=("$BASELINE_NAME"); paths+=("$BASELINE_DIR"); baseline_points=()
-  fi
-fi
+pivot_encoders "$@"
+shift "$encoder_argc"
 
-# shellcheck disable=SC2206  # word splitting of METHODS is intended
-common=(--train-data "$TRAIN_DATA" --eval-data "$EVAL_DATA" --data-format "$DATA_FORMAT" --train-subset "$TRAIN_SUBSET"
-  --methods $METHODS --seed "$SEED" --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS" --device "$DEVICE"
-  --cache-dir "$CACHE_DIR")
-# shellcheck disable=SC2086  # word splitting of FEATURE_POINTS is intended
+# shellcheck disable=SC2086  # word splitting of FEATURE_POINTS and METHODS is intended
 "$PYTHON" -m analysis.linear_probe --encoders "${paths[@]}" --run-names "${names[@]}" --feature-points $FEATURE_POINTS \
-  "${common[@]}" --out "$OUTPUT_DIR/linear_probe.json" --table "$OUTPUT_DIR/linear_probe.md" "$@"
-if [ ${#baseline_points[@]} -gt 0 ]; then
-  "$PYTHON" -m analysis.linear_probe --encoders "$BASELINE_DIR" --run-names "$BASELINE_NAME" \
-    --feature-points "${baseline_points[@]}" "${common[@]}" --out "$OUTPUT_DIR/linear_probe_$BASELINE_NAME.json" \
-    --table "$OUTPUT_DIR/linear_probe_$BASELINE_NAME.md" "$@"
-fi
+  --train-data "$TRAIN_DATA" --eval-data "$EVAL_DATA" --data-format "$DATA_FORMAT" --train-subset "$TRAIN_SUBSET" \
+  --methods $METHODS --seed "$SEED" --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS" --device "$DEVICE" \
+  --cache-dir "$CACHE_DIR" --out "$OUTPUT_DIR/linear_probe.json" --table "$OUTPUT_DIR/linear_probe.md" "$@"

@@ -33,30 +33,15 @@ N_QUALITATIVE=${N_QUALITATIVE:-8}
 DEVICE=${DEVICE:-auto}
 CACHE_DIR=${CACHE_DIR:-${PIVOT_FEATURE_CACHE:-$HOME/.cache/pivot/features}}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/seg_probe/${RUN_BASE}}
-BASELINE_TOWER=${BASELINE_TOWER:-}
-BASELINE_NAME=${BASELINE_NAME:-original}
-BASELINE_DIR=${BASELINE_DIR:-$OUTPUT_DIR/original_encoder}
-BASELINE_EXPORT_ARGS=${BASELINE_EXPORT_ARGS:-}
+source scripts/eval/common.sh
 
-encoder_args=()
-while [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; do encoder_args+=("$1"); shift; done
-if [ ${#encoder_args[@]} -eq 0 ]; then read -r -a encoder_args <<< "$ENCODERS"; fi
-names=(); paths=()
-for item in "${encoder_args[@]}"; do
-  if [ "${item#*=}" != "$item" ]; then names+=("${item%%=*}"); paths+=("${item#*=}");
-  else names+=("$(basename "$item")"); paths+=("$item"); fi
-done
-
-mkdir -p "$OUTPUT_DIR"
-if [ -n "$BASELINE_TOWER" ]; then
-  if [ "$FEATURE_POINT" = projector ]; then
-    echo "[seg_probe] BASELINE_TOWER exports no projector: FEATURE_POINT=projector cannot include it" >&2
-    exit 1
-  fi
-  # shellcheck disable=SC2086  # word splitting of the flag list is intended
-  "$PYTHON" -m llava.export --vision_tower "$BASELINE_TOWER" "$BASELINE_DIR" $BASELINE_EXPORT_ARGS
-  names+=("$BASELINE_NAME"); paths+=("$BASELINE_DIR")
+if [ -n "$BASELINE_TOWER" ] && [ "$FEATURE_POINT" = projector ]; then
+  echo "[seg_probe] BASELINE_TOWER exports no projector: FEATURE_POINT=projector cannot include it" >&2
+  exit 1
 fi
+mkdir -p "$OUTPUT_DIR"
+pivot_encoders "$@"
+shift "$encoder_argc"
 "$PYTHON" -m analysis.seg_probe --encoders "${paths[@]}" --run-names "${names[@]}" --data "$DATA" \
   --seeds "$SEEDS" --feature-point "$FEATURE_POINT" --num-classes "$NUM_CLASSES" --epochs "$EPOCHS" \
   --batch-size "$BATCH_SIZE" --feature-batch-size "$FEATURE_BATCH_SIZE" --n-qualitative "$N_QUALITATIVE" \
