@@ -3,17 +3,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt requirements-eval.txt setup.py | md5sum | cut -c1-10)
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock requirements.txt requirements-dev.txt requirements-eval.txt setup.py | md5sum | cut -c1-10)
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo clean lock
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-eval.txt setup.py
+# requirements.lock holds every package (transitive ones included) at an exact version; it is installed
+# as it is, with --no-deps, so nothing is resolved on install day. torchvision is absent from it on purpose.
+# The requirement files state what is needed (with reasons); `make lock` resolves them anew into the lock.
+$(STAMP): requirements.lock requirements.txt requirements-dev.txt requirements-eval.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
-	# lmms-eval pins torchvision, which would pull a CUDA torch: constrain to our pins, then drop torchvision.
-	$(PY) -m pip install -q -c requirements.txt -r requirements-eval.txt
-	$(PY) -m pip uninstall -y -q torchvision
+	$(PY) -m pip install -q --no-deps -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -29,6 +28,9 @@ test: lint
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
+
+lock:
+	PYTHON=$(PYTHON) bash scripts/lock.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

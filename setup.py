@@ -10,19 +10,32 @@ def _requirements(name: str) -> list[str]:
     return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
 
 
+def _known_to_work(requirement: str) -> str:
+    """An exact pin `pkg==A.B.C` becomes the range `pkg>=A.B.C,<A.(B+1)` for users' own environments.
+
+    The Makefile and CI install requirements.lock exactly; a user's cluster environment (a CUDA torch
+    2.13.x, a newer patch release of transformers) only needs versions of the same minor release.
+    """
+    name, sep, version = requirement.partition("==")
+    if not sep:
+        return requirement
+    major, minor = version.split(".")[:2]
+    return f"{name}>={version},<{major}.{int(minor) + 1}"
+
+
 setup(
     name="pivot",
     version="0.1.0",
     description="LLaVA-OneVision-style MLLM training (SFT vs DPO on matched samples) and vision-encoder analysis",
     python_requires=">=3.10",
     packages=find_packages(include=["llava", "llava.*", "analysis", "analysis.*", "patches", "patches.*"]),
-    install_requires=_requirements("requirements.txt"),
+    install_requires=[_known_to_work(r) for r in _requirements("requirements.txt")],
     extras_require={
         # flash-attn needs CUDA to build; deepspeed installs and imports on CPU too.
         "gpu": ["deepspeed==0.19.8", "flash-attn"],
         # Install on CPU with a constraint pinning torch==2.13.0, then remove torchvision (see Makefile).
-        "eval": _requirements("requirements-eval.txt"),
-        "dev": _requirements("requirements-dev.txt"),
+        "eval": [_known_to_work(r) for r in _requirements("requirements-eval.txt")],
+        "dev": [_known_to_work(r) for r in _requirements("requirements-dev.txt")],
     },
     entry_points={
         "console_scripts": ["pivot-export=llava.export:main"],
