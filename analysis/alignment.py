@@ -1,6 +1,6 @@
 """Platonic representation alignment of vision encoders with reference language models.
 
-Protocol of Huh et al. 2024, "The Platonic Representation Hypothesis" (minhuh/platonic-rep
+Protocol of Huh et al. 2024, "The Platonic Representation Hypothesis" (minyoungg/platonic-rep
 `extract_features.py` + `measure_alignment.py`), as used in Fig. 10 of Song et al. 2025:
 
 - data: the prh format (an image and a list of captions per sample; the first caption is used),

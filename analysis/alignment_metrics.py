@@ -1,6 +1,6 @@
 """Representation-alignment metrics of the Platonic Representation Hypothesis (Huh et al. 2024).
 
-Definitions follow minhuh/platonic-rep `metrics.py` (class `AlignmentMetrics`) and its
+Definitions follow minyoungg/platonic-rep `metrics.py` (class `AlignmentMetrics`) and its
 `measure_alignment.py` preprocessing:
 
 - `prepare_features`: clamp every entry of one model's `[N, L, D]` feature tensor to [-b, b], then
@@ -24,6 +24,11 @@ Pairwise functions take two `[N, D]` feature matrices and literally follow the r
 `alignment_matrix` scores every (layer of A, layer of B) pair at once: each layer's Gram matrix and
 kNN index set is computed once, and the pairs are compared with batched tensor ops instead of a
 Python loop over pairs. Tests pin the matrix functions to the pairwise ones.
+
+Kernels and HSIC terms are computed in float64: the unbiased HSIC is a difference of large sums, and
+in float32 which digits survive depends on the BLAS kernel (a symmetric CKA came out asymmetric by
+~2e-4 on one machine). In float64 a symmetric metric is symmetric to ~1e-12 on every BLAS. kNN sets
+are still ranked on float32 inner products, as in the reference.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import torch
 from torch import Tensor
 
 EPS = 1e-6  # denominator guard of platonic-rep's CKA and CKNNA
+# Precision of kernels and HSIC terms (module docstring); benchmarks/cka.py times float32 against it.
+KERNEL_DTYPE = torch.float64
 
 
 OUTLIER_CLAMPS: tuple[str, ...] = ("precise", "per_sample_mean")
@@ -151,7 +158,7 @@ def hsic_unbiased(kern_k: Tensor, kern_l: Tensor) -> Tensor:
 def cka(feats_a: Tensor, feats_b: Tensor, k: int | None = None, unbiased: bool = False) -> float:
     """Linear CKA (Kornblith et al. 2019); `unbiased` switches to the Song et al. 2012 HSIC. `k` unused."""
     _check_pair(feats_a, feats_b)
-    kern_k, kern_l = gram(feats_a.float()), gram(feats_b.float())
+    kern_k, kern_l = gram(feats_a.to(KERNEL_DTYPE)), gram(feats_b.to(KERNEL_DTYPE))
     hsic = hsic_unbiased if unbiased else hsic_biased
     value = hsic(kern_k, kern_l) / (torch.sqrt(hsic(kern_k, kern_k) * hsic(kern_l, kern_l)) + EPS)
     return value.item()
@@ -172,7 +179,7 @@ def cknna(feats_a: Tensor, feats_b: Tensor, k: int = 10) -> float:
     _check_pair(feats_a, feats_b)
     n = feats_a.shape[0]
     _check_k(k, n, minimum=2)
-    kern_k, kern_l = gram(feats_a.float()), gram(feats_b.float())
+    kern_k, kern_l = gram(feats_a.to(KERNEL_DTYPE)), gram(feats_b.to(KERNEL_DTYPE))
     mask_k = knn_mask(knn_indices(feats_a, k), n)
     mask_l = knn_mask(knn_indices(feats_b, k), n)
 
@@ -224,7 +231,7 @@ def mutual_knn_matrix(feats_a: Tensor, feats_b: Tensor, k: int = 10) -> Tensor:
 
 
 def _centered_grams(feats: Tensor) -> Tensor:
-    centred = feats.float() - feats.float().mean(dim=-2, keepdim=True)
+    centred = feats.to(KERNEL_DTYPE) - feats.to(KERNEL_DTYPE).mean(dim=-2, keepdim=True)
     return gram(centred)  # = H K H for the linear kernel
 
 
@@ -247,7 +254,7 @@ def _hsic_unbiased_terms(frob: Tensor, sum_k: Tensor, sum_l: Tensor, sum_kl: Ten
 
 
 def _zero_diag_grams(feats: Tensor) -> Tensor:
-    grams = gram(feats.float())
+    grams = gram(feats.to(KERNEL_DTYPE))
     grams.diagonal(dim1=-2, dim2=-1).zero_()
     return grams
 
@@ -278,8 +285,11 @@ def cknna_matrix(feats_a: Tensor, feats_b: Tensor, k: int = 10) -> Tensor:
     """
     m = _check_layers(feats_a, feats_b)
     _check_k(k, m, minimum=2)
-    ka, kb = gram(feats_a.float()), gram(feats_b.float())
-    ma, mb = knn_mask(knn_indices(feats_a, k), m), knn_mask(knn_indices(feats_b, k), m)
+    ka, kb = gram(feats_a.to(KERNEL_DTYPE)), gram(feats_b.to(KERNEL_DTYPE))
+    ma, mb = (
+        knn_mask(knn_indices(feats_a, k), m).to(KERNEL_DTYPE),
+        knn_mask(knn_indices(feats_b, k), m).to(KERNEL_DTYPE),
+    )
     mka, mkb = ma * ka, mb * kb
     frob = _flat(mka * ma.transpose(-1, -2)) @ _flat(mkb * mb.transpose(-1, -2)).T
     sum_k = _flat(mka) @ _flat(mb).T
@@ -302,7 +312,7 @@ MATRIX_METRICS: dict[str, MatrixMetric] = {
 
 
 def alignment_matrix(metric: str, feats_a: Tensor, feats_b: Tensor, k: int = 10) -> Tensor:
-    """Score every layer pair of `[La, N, Da]` and `[Lb, N, Db]` features with `metric` -> `[La, Lb]`."""
+    """Score every layer pair of `[La, N, Da]` and `[Lb, N, Db]` features with `metric` -> float64 `[La, Lb]`."""
     if metric not in MATRIX_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {sorted(MATRIX_METRICS)}")
-    return MATRIX_METRICS[metric](feats_a, feats_b, k)
+    return MATRIX_METRICS[metric](feats_a, feats_b, k).to(KERNEL_DTYPE)

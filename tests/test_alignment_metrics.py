@@ -80,7 +80,7 @@ def test_identical_features_score_one(metric: str) -> None:
     assert PAIR_METRICS[metric](feats, feats, 5) == pytest.approx(1.0, abs=1e-4)
     layers = torch.stack([feats, feats.roll(1, dims=-1) * 3])
     matrix = alignment_matrix(metric, layers, layers, 5)
-    assert torch.allclose(matrix.diagonal(), torch.ones(2), atol=1e-4)
+    assert torch.allclose(matrix.diagonal(), torch.ones(2, dtype=torch.float64), atol=1e-4)
 
 
 @pytest.mark.parametrize("metric", sorted(PAIR_METRICS))
@@ -101,8 +101,8 @@ def test_vectorised_matrix_equals_pairwise_loop(metric: str) -> None:
     a, b = torch.randn(3, 36, 10, generator=gen), torch.randn(5, 36, 6, generator=gen)
     b[2] = a[0] @ torch.randn(10, 6, generator=gen)
     a, b = prepare_features(a), prepare_features(b)
-    expected = torch.tensor([[PAIR_METRICS[metric](x, y, 4) for y in b] for x in a])
-    assert torch.allclose(alignment_matrix(metric, a, b, 4), expected, atol=1e-5)
+    expected = torch.tensor([[PAIR_METRICS[metric](x, y, 4) for y in b] for x in a], dtype=torch.float64)
+    assert torch.allclose(alignment_matrix(metric, a, b, 4), expected, rtol=0, atol=1e-10)
 
 
 def test_cka_matches_feature_space_formula() -> None:
@@ -216,3 +216,17 @@ def test_bad_inputs_raise() -> None:
         prepare_features(a, q=0.0)
     with pytest.raises(ValueError, match="unknown outlier_clamp 'exact'"):
         prepare_features(a, outlier_clamp="exact")
+
+
+@pytest.mark.parametrize("metric", ["cka", "unbiased_cka"])
+def test_kernel_metrics_are_symmetric_to_float64_rounding(metric):
+    """Nearly identical layers (HSIC terms cancel heavily) stay symmetric to ~1e-12, batched and pairwise."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=gen)
+    layers = torch.stack([base + 1e-3 * torch.randn(64, 48, generator=gen) for _ in range(5)])
+    matrix = alignment_matrix(metric, layers, layers, 4)
+    assert matrix.dtype == torch.float64
+    assert torch.allclose(matrix, matrix.T, rtol=0, atol=1e-12)
+    pair = PAIR_METRICS[metric]
+    assert pair(layers[1], layers[3], 4) == pytest.approx(pair(layers[3], layers[1], 4), abs=1e-12)
+    assert pair(layers[1], layers[3], 4) == pytest.approx(matrix[1, 3].item(), abs=1e-10)
