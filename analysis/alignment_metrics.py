@@ -315,4 +315,4 @@ def alignment_matrix(metric: str, feats_a: Tensor, feats_b: Tensor, k: int = 10)
     """Score every layer pair of `[La, N, Da]` and `[Lb, N, Db]` features with `metric` -> float64 `[La, Lb]`."""
     if metric not in MATRIX_METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {sorted(MATRIX_METRICS)}")
-    return MATRIX_METRICS[metric](feats_a, feats_b, k).to(KERNEL_DTYPE)
+    return MATRIX_METRICS[metric](feats_a, feats_b, k).double()
