@@ -290,11 +290,12 @@ def test_trainer_refuses_a_deepspeed_optimizer_block_with_module_lrs(train_data,
 # ---- 6. batch 4×1 == 1×4 with gradient accumulation -------------------------------------------
 
 
-def _one_sgd_step(train_data, out, loss_type: str, batch: int, accumulation: int):
+def _one_sgd_step(train_data, out, loss_type: str, batch: int, accumulation: int, **flags: object):
     argv = train_argv(
         train_data,
         out,
         loss_type,
+        **flags,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -311,13 +312,14 @@ def _supervised_tokens(item: dict) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["sft", "dpo"])
-def test_one_batch_of_4_equals_4_accumulated_batches_of_1(train_data, tmp_path, loss_type: str):
-    big = _one_sgd_step(train_data, tmp_path / "4x1", loss_type, batch=4, accumulation=1)
-    small = _one_sgd_step(train_data, tmp_path / "1x4", loss_type, batch=1, accumulation=4)
+@pytest.mark.parametrize(("loss_type", "gamma"), [("sft", 0.0), ("dpo", 0.0), ("dpo", 1.0)])
+def test_one_batch_of_4_equals_4_accumulated_batches_of_1(train_data, tmp_path, loss_type: str, gamma: float):
+    flags = {"gamma": gamma} if gamma else {}
+    big = _one_sgd_step(train_data, tmp_path / "4x1", loss_type, batch=4, accumulation=1, **flags)
+    small = _one_sgd_step(train_data, tmp_path / "1x4", loss_type, batch=1, accumulation=4, **flags)
     step_ids = read_sample_order(tmp_path / "4x1")[0]["ids"]
     assert read_sample_order(tmp_path / "1x4")[0]["ids"] == step_ids
-    if loss_type == "sft":
+    if loss_type == "sft" or gamma:
         by_id = {item["id"]: item for item in (big.train_dataset[i] for i in range(len(big.train_dataset)))}
         lengths = {_supervised_tokens(by_id[i]) for i in step_ids}
         assert len(lengths) > 1, "the step's responses must differ in length for this test to bite"
@@ -414,6 +416,29 @@ def test_mpo_generation_term_matches_the_models_own_causal_lm_loss(train_data, t
         reference = model(**inputs).loss
         loss = trainer.compute_loss(model, dict(batch))
     torch.testing.assert_close(loss, reference)
+
+
+def test_gamma_sft_term_is_token_weighted_over_the_batch(train_data, tmp_path):
+    # LLaVA-NeXT's SFT term is one CrossEntropyLoss over every chosen token (TRL's `sft` term likewise):
+    # with dpo_alpha 0 the loss is the model's own causal-LM loss of the chosen side, not a mean over pairs.
+    trainer = make_trainer(train_data, tmp_path, loss_type="dpo", dpo_alpha=0.0, gamma=1.0)
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    lengths = (batch["labels"][:, 1:] != -100).sum(dim=1)
+    assert len(set(lengths.tolist())) > 1, "want replies of mixed lengths"
+    inputs = {
+        k: v for k, v in batch.items() if k not in ("sample_ids", "image_sizes") and "rejected" not in k
+    }
+    with torch.no_grad():
+        model.eval()
+        reference = model(**inputs).loss
+        loss = trainer.compute_loss(model, dict(batch))
+        stats = trainer._pair_stats(model, dict(batch), batch["sample_ids"])
+    torch.testing.assert_close(loss, reference)
+    per_pair_mean = stats.chosen_nll.mean()
+    assert abs(per_pair_mean.item() - loss.item()) > 1e-4, (
+        "token-weighted must differ from the mean over pairs"
+    )
 
 
 def test_bf16_without_deepspeed_trains_fp32_weights(train_data, tmp_path):

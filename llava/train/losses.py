@@ -4,8 +4,9 @@ Every loss takes a `PairStats` (per-sample log-probabilities of the chosen/rejec
 the policy and the reference, and token counts) and returns `(per-sample loss [B], parts)` where
 `parts` maps a name ("dpo", "sft", ...) to its per-sample value, for logging; the trainer optimises
 the mean over the micro-batch. The trainer adds the optional SFT term `gamma * NLL(chosen)` to any
-preference loss (PIVOT/LLaVA-NeXT's `dpo_alpha`, `gamma`; the per-sample token-mean NLL averaged over
-pairs, as LLaVA-NeXT). Adding a loss is one function and one entry in `LOSSES`.
+preference loss (PIVOT/LLaVA-NeXT's `dpo_alpha`, `gamma`): the NLL of every chosen token of the optimizer
+step divided by their number (token-weighted, as LLaVA-NeXT's one CrossEntropyLoss over all chosen tokens
+and TRL's `sft` term), exactly the SFT loss. Adding a loss is one function and one entry in `LOSSES`.
 
 Notation: `logits = (log πθ(y_w|x) - log πθ(y_l|x)) - (log πref(y_w|x) - log πref(y_l|x))` with
 sequence log-probabilities summed over response tokens.

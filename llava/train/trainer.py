@@ -153,10 +153,13 @@ class PivotTrainer(Trainer):
             parts = {"sft": nll_sum / tokens_sum.clamp(min=1)}  # log the token-weighted NLL optimised here
         else:
             loss = self.args.dpo_alpha * per_sample.mean()
-            if self.args.gamma:
-                loss = loss + self.args.gamma * stats.chosen_nll.mean()
             if model.training:
                 loss = loss / self.current_gradient_accumulation_steps
+            if self.args.gamma:  # token-weighted over the optimizer step, as the SFT loss (LLaVA-NeXT, TRL)
+                nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
+                loss = loss + self.args.gamma * self._token_normalised(
+                    nll_sum, tokens_sum, num_items_in_batch
+                )
         if model.training:
             self._record(stats, parts, len(ids), tokens)
         return (loss, {"loss": loss}) if return_outputs else loss
