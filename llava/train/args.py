@@ -30,6 +30,7 @@ from llava.train.param_groups import parse_tunable_parts
 logger = logging.getLogger(__name__)
 
 REFERENCE_MODES = ("precomputed", "live", "none")
+BCO_DELTAS = ("running", "batch")
 
 
 @dataclass
@@ -141,6 +142,13 @@ class PivotTrainingArguments(transformers.TrainingArguments):
     mpo_weights: str = field(
         default="0.8,0.2,1.0", metadata={"help": "MPO preference,quality,generation weights."}
     )
+    bco_delta: str = field(
+        default="running",
+        metadata={
+            "help": "MPO's BCO reward shift: 'running' (InternVL's MPO: TRL 0.10 RunningMoments mean over "
+            "steps and ranks, saved in checkpoints) or 'batch' (the micro-batch's mean reward)."
+        },
+    )
     reference: str = field(
         default="precomputed",
         metadata={
@@ -188,6 +196,8 @@ class PivotTrainingArguments(transformers.TrainingArguments):
         weights = [float(w) for w in self.mpo_weights.split(",")]
         if len(weights) != 3:
             raise ValueError(f"--mpo_weights needs three comma-separated numbers, got {self.mpo_weights!r}.")
+        if self.bco_delta not in BCO_DELTAS:
+            raise ValueError(f"--bco_delta {self.bco_delta!r}: choose one of {BCO_DELTAS}.")
         self.check_unused_options()
         self.remove_unused_columns = False
 
@@ -205,7 +215,7 @@ class PivotTrainingArguments(transformers.TrainingArguments):
                 "(llava.train.sampling), so SFT and preference runs see the same samples in the same order.",
                 self.train_sampling_strategy,
             )
-        loss_options = ("dpo_alpha", "gamma", "beta", "mpo_weights")
+        loss_options = ("dpo_alpha", "gamma", "beta", "mpo_weights", "bco_delta")
         changed = {
             f.name for f in fields(self) if f.name in loss_options and getattr(self, f.name) != f.default
         }
@@ -216,7 +226,7 @@ class PivotTrainingArguments(transformers.TrainingArguments):
                 "use a preference --loss_type (e.g. dpo with --gamma for DPO + SFT)."
             )
         ignored = ["beta"] if self.loss_type == "sft" and "beta" in changed else []
-        ignored += ["mpo_weights"] if self.loss_type != "mpo" and "mpo_weights" in changed else []
+        ignored += [n for n in ("mpo_weights", "bco_delta") if self.loss_type != "mpo" and n in changed]
         if ignored:
             flags = ", ".join(f"--{name} {getattr(self, name)}" for name in ignored)
             logger.warning("%s: ignored by --loss_type %s (it has no such term).", flags, self.loss_type)

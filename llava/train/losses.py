@@ -31,6 +31,7 @@ class PairStats:
     ref_rejected: torch.Tensor | None
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor | None
+    bco_delta: float | None = None  # MPO's BCO shift from the trainer's running mean; None: in-batch mean
 
     @property
     def chosen_nll(self) -> torch.Tensor:
@@ -105,20 +106,25 @@ def hinge_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[st
     return loss, {"hinge": loss}
 
 
+def batch_reward_mean(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
+    """Mean implicit reward β·log(πθ/πref) over the batch's chosen and rejected responses (detached)."""
+    chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
+    rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)
+    return torch.cat([chosen, rejected]).detach().mean()
+
+
 def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
     """BCO (Jung et al. 2024, Eq. 9) on pairs: -log σ(r_w - δ) - log σ(-(r_l - δ)), r = β·log(πθ/πref).
 
     δ is the reward shift of BCO and of InternVL's MPO, whose trainer (on TRL 0.10) subtracts TRL's
-    `RunningMoments` running mean of the rewards across steps; TRL 1.16's own `bco_pair` uses no δ at
-    all. Here δ is the mean reward of the batch (chosen and rejected, detached): the loss stays a pure
-    function of the batch, so resumed runs reproduce exactly. Under gradient accumulation δ is the mean
-    of each micro-batch, so a step split into micro-batches differs slightly from one large batch
-    (unlike DPO/IPO/hinge/SFT). With the paper's global batch of 256 the in-batch and running means
-    agree closely.
+    `RunningMoments` running mean of the micro-batch mean rewards across steps (TRL 1.16's own
+    `bco_pair` uses no δ at all). The trainer keeps that running mean (`--bco_delta running`, the
+    default; llava.train.running_moments) and passes it as `stats.bco_delta`; with `--bco_delta batch`
+    (or when called without one) δ is the mean reward of this batch (chosen and rejected, detached).
     """
     chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
     rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)
-    delta = torch.cat([chosen, rejected]).detach().mean()
+    delta = batch_reward_mean(stats, cfg) if stats.bco_delta is None else stats.bco_delta
     return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 
@@ -40,9 +41,10 @@ import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
 from llava.train.logps import chosen_logps, pair_logps
-from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats
+from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats, batch_reward_mean
 from llava.train.param_groups import build_param_groups, check_deepspeed_config, describe_groups
 from llava.train.reference import lookup
+from llava.train.running_moments import RunningMoments
 from llava.train.sampling import MatchedSampler, SampleOrderLog
 from patches.checkpoint_keys import checkpoint_state_for, safetensors_files
 
@@ -59,6 +61,8 @@ class PivotTrainer(Trainer):
         self.current_gradient_accumulation_steps = self.args.gradient_accumulation_steps
         self.loss_config = LossConfig(beta=self.args.beta, mpo_weights=self.args.mpo_weight_tuple)
         self.ref_logps = ref_logps
+        running = self.args.loss_type == "mpo" and self.args.bco_delta == "running"
+        self.bco_moments = RunningMoments() if running else None
         self.ref_model = None
         if self.args.loss_type in PREFERENCE_LOSSES and self.args.reference == "live":
             # Trainer places the policy itself except under DeepSpeed; the reference always goes to the device.
@@ -96,6 +100,8 @@ class PivotTrainer(Trainer):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.bco_moments is not None:
+            self.bco_moments = RunningMoments.load(resume_from_checkpoint)
         model = model if model is not None else self.model
         files = safetensors_files(resume_from_checkpoint)
         if self.is_fsdp_enabled or not files or not isinstance(model, PreTrainedModel):
@@ -113,6 +119,12 @@ class PivotTrainer(Trainer):
                 f"unexpected {result.unexpected_keys[:5]}"
             )
         logger.info("loaded %d model tensors from %s", len(state), resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.bco_moments is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            self.bco_moments.save(folder)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -146,6 +158,8 @@ class PivotTrainer(Trainer):
             else:
                 policy, counts = chosen_logps(model, inputs)
                 stats = PairStats(policy, None, None, None, counts, None)
+        if self.bco_moments is not None:
+            stats.bco_delta = self._running_bco_delta(stats, model.training)
         per_sample, parts = LOSSES[loss_type](stats, self.loss_config)
         if loss_type == "sft":
             nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
@@ -163,6 +177,16 @@ class PivotTrainer(Trainer):
         if model.training:
             self._record(stats, parts, len(ids), tokens)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _running_bco_delta(self, stats: PairStats, training: bool) -> float:
+        """InternVL's MPO δ: the running mean of micro-batch mean rewards over steps and ranks, updated
+        with this micro-batch (every rank's at once) before use; evaluation reads it without updating."""
+        if training:
+            batch_mean = batch_reward_mean(stats, self.loss_config).reshape(1).float()
+            if self.args.world_size > 1:
+                batch_mean = self.accelerator.gather(batch_mean)
+            self.bco_moments.update(batch_mean)
+        return self.bco_moments.mean
 
     def _token_normalised(self, nll_sum, local_tokens, num_items_in_batch) -> torch.Tensor:
         if not self.model.training:
