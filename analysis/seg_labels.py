@@ -84,13 +84,21 @@ class PatchCounts:
 
 
 def patch_metrics(counts: PatchCounts) -> dict[str, float]:
-    """Macro recall/precision/F1 over classes with ≥ 1 positive patch, and micro accuracy."""
+    """Macro recall/precision/F1 over classes with ≥ 1 positive patch, and micro accuracy.
+
+    `precision` counts a class that has positives but is never predicted as 0 (its defined value as
+    the limit of no true positive). patch-seg (Covert et al.) divides 0 by 0 there, which makes its macro
+    precision NaN; the number it reports whenever that NaN is skipped, the macro precision over the
+    classes that were predicted at least once, is `precision_predicted` (NaN if no class was predicted).
+    """
     valid = (counts.tp + counts.fn) > 0
     if not valid.any():
         raise ValueError("no class has a positive patch: the evaluation set is empty")
     recall = counts.tp[valid] / (counts.tp + counts.fn)[valid]
     predicted = (counts.tp + counts.fp)[valid]
     precision = np.divide(counts.tp[valid], predicted, out=np.zeros(valid.sum()), where=predicted > 0)
+    was_predicted = predicted > 0
+    precision_predicted = float(precision[was_predicted].mean()) if was_predicted.any() else float("nan")
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(valid.sum()), where=denominator > 0)
     total = counts.tp + counts.fp + counts.fn + counts.tn
@@ -98,6 +106,7 @@ def patch_metrics(counts: PatchCounts) -> dict[str, float]:
         "recall": float(recall.mean()),
         "micro_accuracy": float((counts.tp + counts.tn).sum() / total.sum()),
         "precision": float(precision.mean()),
+        "precision_predicted": precision_predicted,
         "f1": float(f1.mean()),
         "n_classes_evaluated": int(valid.sum()),
     }

@@ -6,8 +6,10 @@ crop and a resize to the encoder's input (bicubic/processor resample for images,
 Labels are multi-hot "union" patch labels (analysis/seg_labels.py).
 
 Head: Linear(d→1024) → GELU → Linear(→151) per token, BCE-with-logits, AdamW (lr 1e-3, wd 0.01),
-batch 32 images, 5 epochs, linear warmup (16% of steps ≈ patch-seg's 500 of ~3,160 ADE20K steps) then
-cosine to 1e-4 (patch-seg's min-lr). Features are extracted once and cached (analysis/features.py), so
+batch 32 images, 5 epochs, and patch-seg's schedule exactly: timm's `CosineLRScheduler(t_initial=all
+steps, lr_min=1e-4, warmup_t=500, t_in_epochs=False)` (so `warmup_prefix=False`, `warmup_lr_init=0`):
+LR 0 at the first step, a linear warmup over 500 steps, and one cosine from the peak to 1e-4 over all
+steps counted from step 0 (the warmup's steps included, so the cosine does not restart after warmup). Features are extracted once and cached (analysis/features.py), so
 training heads for several seeds costs little more than one. Reported metrics are those after the last
 epoch (patch-seg keeps the best epoch on the validation split; per-epoch recall is stored as well).
 All images are used each epoch (the last batch may be smaller).
@@ -56,7 +58,7 @@ from analysis.seg_labels import (
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("recall", "micro_accuracy", "precision", "f1")
+METRICS = ("recall", "micro_accuracy", "precision", "precision_predicted", "f1")
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,17 @@ class SegProbeConfig:
     weight_decay: float = 0.01
     batch_size: int = 32
     epochs: int = 5
-    warmup_ratio: float = 0.16
+    warmup_steps: int = 500  # patch-seg's warmup_t
     threshold: float = 0.5
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.num_classes < 2 or self.hidden_size < 1 or self.batch_size < 1 or self.epochs < 1:
             raise ValueError("SegProbeConfig: num_classes ≥ 2, hidden_size, batch_size and epochs ≥ 1")
-        if not 0 <= self.warmup_ratio < 1 or not 0 < self.threshold < 1:
-            raise ValueError("SegProbeConfig: warmup_ratio in [0, 1) and threshold in (0, 1)")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"SegProbeConfig: need 0 ≤ min_lr ({self.min_lr}) ≤ lr ({self.lr})")
+        if self.warmup_steps < 0 or not 0 < self.threshold < 1:
+            raise ValueError("SegProbeConfig: warmup_steps >= 0 and threshold in (0, 1)")
+        if not 0 <= self.min_lr <= self.lr or self.lr <= 0:
+            raise ValueError(f"SegProbeConfig: need 0 ≤ min_lr ({self.min_lr}) ≤ lr ({self.lr}) and lr > 0")
 
 
 class SegHead(torch.nn.Module):
@@ -94,12 +96,18 @@ class SegHead(torch.nn.Module):
         return self.fc2(self.gelu(self.fc1(tokens)))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Multiplier of the peak LR at `step` (0-based): linear warmup, then cosine down to `min_ratio`."""
+def patchseg_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """LR of optimizer step `step` (0-based) under timm's CosineLRScheduler as patch-seg configures it.
+
+    `t_initial=total_steps, lr_min=min_lr, warmup_t=warmup_steps, warmup_lr_init=0, warmup_prefix=False`,
+    stepped per update: warmup `step · lr / warmup_steps`, then `min_lr + (lr - min_lr)(1 + cos(π step /
+    total_steps)) / 2`, and `min_lr` from `total_steps` on (timm's cycle limit of 1).
+    """
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps - 1)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return step * lr / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / total_steps))
 
 
 def _batch(
@@ -137,9 +145,9 @@ def train_seg_head(
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(tokens) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    warmup = round(config.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, config.min_lr / config.lr)
+        optimizer,
+        lambda step: patchseg_lr(step, total, config.lr, config.min_lr, config.warmup_steps) / config.lr,
     )
     order_rng = np.random.default_rng(seed)
     epoch_recall: list[float] = []
@@ -386,7 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per head update")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    parser.add_argument("--warmup-ratio", type=float, default=0.16, help="fraction of steps in linear warmup")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=500, help="linear warmup steps of the cosine (patch-seg: 500)"
+    )
     parser.add_argument("--feature-batch-size", type=int, default=64, help="images per encoder forward pass")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature/label cache root")
@@ -401,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         epochs=args.epochs,
-        warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_steps,
         device=args.device,
     )
     rows, summary = [], {}

@@ -72,7 +72,8 @@ stage linear_probe      "$PYTHON" -m analysis.linear_probe --encoders "${ENCODER
                           --seed "$SEED" --out "$RESULTS/linear_probe.json" --cache-dir "$DEMO_DIR/cache"
 stage seg_probe         "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
                           --data "$WORLD/ade" --num-classes 7 --seeds "$SEG_SEEDS" --out "$RESULTS/seg_probe.json" \
-                          --png-dir "$RESULTS/seg_examples" --cache-dir "$DEMO_DIR/cache"
+                          --png-dir "$RESULTS/seg_examples" --cache-dir "$DEMO_DIR/cache" \
+                          --warmup-steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
 stage alignment         "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" \
                           --vision stage1="${ENCODERS[0]}" sft="${ENCODERS[1]}" dpo="${ENCODERS[2]}" \
                           --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from analysis.seg_labels import (
@@ -21,8 +26,8 @@ from analysis.seg_probe import (
     SegProbeConfig,
     ade20k_split,
     evaluate_seg_head,
-    lr_factor,
     main,
+    patchseg_lr,
     train_seg_head,
 )
 
@@ -80,16 +85,69 @@ def test_patch_metrics_on_hand_made_confusion() -> None:
     assert metrics["f1"] == pytest.approx((2 * 0.5 * 0.5 / 1.0 + 1.0) / 2)
     assert metrics["micro_accuracy"] == pytest.approx(9 / 12)
     assert metrics["n_classes_evaluated"] == 2
+    assert metrics["precision_predicted"] == pytest.approx(metrics["precision"])  # both classes predicted
 
 
-def test_lr_schedule_warms_up_then_decays_to_min() -> None:
-    total, warmup, min_ratio = 101, 10, 0.1
-    factors = [lr_factor(step, total, warmup, min_ratio) for step in range(total)]
-    assert factors[0] == pytest.approx(0.1) and factors[warmup - 1] == pytest.approx(1.0)
-    assert factors[warmup] == pytest.approx(1.0)
-    assert factors[warmup + 45] == pytest.approx((1 + min_ratio) / 2)  # half way through the cosine
-    assert factors[-1] == pytest.approx(min_ratio)
-    assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1 :]))
+def test_never_predicted_class_counts_zero_precision_and_patchseg_skips_it() -> None:
+    # class 0: 2 positives, 1 found, 1 predicted; class 1: 1 positive, never predicted (patch-seg: 0/0 = NaN).
+    target = np.array([[1, 0], [1, 1], [0, 0]], dtype=bool)
+    predicted = np.array([[1, 0], [0, 0], [0, 0]], dtype=bool)
+    counts = PatchCounts.zeros(2)
+    counts.update(predicted, target)
+    metrics = patch_metrics(counts)
+    assert metrics["precision"] == pytest.approx((1.0 + 0.0) / 2)
+    assert metrics["precision_predicted"] == pytest.approx(1.0)
+    counts = PatchCounts.zeros(2)
+    counts.update(np.zeros_like(target), target)
+    assert math.isnan(patch_metrics(counts)["precision_predicted"])
+
+
+def _timm_cosine_scheduler():
+    """timm's CosineLRScheduler loaded on its own: `import timm` needs torchvision, which pivot never installs."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("timm (installed with lmms-eval) is not available")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "scheduler"
+    package = types.ModuleType("_timm_scheduler")
+    package.__path__ = [str(folder)]
+    sys.modules["_timm_scheduler"] = package
+    try:
+        for name in ("scheduler", "cosine_lr"):
+            sub = importlib.util.spec_from_file_location(f"_timm_scheduler.{name}", folder / f"{name}.py")
+            module = importlib.util.module_from_spec(sub)
+            sys.modules[sub.name] = module
+            sub.loader.exec_module(module)
+        return module.CosineLRScheduler
+    finally:
+        for name in [n for n in sys.modules if n.startswith("_timm_scheduler")]:
+            del sys.modules[name]
+
+
+@pytest.mark.parametrize(("total", "warmup"), [(3160, 500), (1200, 500), (300, 500), (40, 0)])
+def test_lr_schedule_equals_patchseg_timm_cosine(total: int, warmup: int) -> None:
+    # patch-seg: CosineLRScheduler(t_initial=all steps, lr_min=1e-4, warmup_t=500, t_in_epochs=False),
+    # step_update(num_updates) after each optimizer step. Our trainer's LambdaLR must give the same LRs.
+    scheduler_cls = _timm_cosine_scheduler()
+    lr, min_lr = 1e-3, 1e-4
+    timm_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    timm_sched = scheduler_cls(timm_opt, t_initial=total, lr_min=min_lr, warmup_t=warmup, t_in_epochs=False)
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    ours = torch.optim.lr_scheduler.LambdaLR(
+        ours_opt, lambda step: patchseg_lr(step, total, lr, min_lr, warmup) / lr
+    )
+    for step in range(total + 5):
+        assert ours_opt.param_groups[0]["lr"] == pytest.approx(
+            timm_opt.param_groups[0]["lr"], rel=1e-9, abs=1e-15
+        )
+        timm_opt.step(), ours_opt.step()
+        timm_sched.step_update(num_updates=step + 1)
+        ours.step()
+
+
+def test_lr_schedule_has_no_restart_after_warmup() -> None:
+    # At the midpoint of an ADE20K-sized run the cosine counts the warmup's steps too (5.5e-4, not 6.8e-4).
+    assert patchseg_lr(0, 3160, 1e-3, 1e-4, 500) == 0.0
+    assert patchseg_lr(1580, 3160, 1e-3, 1e-4, 500) == pytest.approx(5.5e-4)
 
 
 def _scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +208,8 @@ def test_head_reaches_high_recall_on_features_that_encode_the_class(ade_root: Pa
     train_labels, val_labels = split_labels("training"), split_labels("validation")
     # perfect features: the patch's own multi-hot class indicator
     train_tokens, val_tokens = train_labels.astype(np.float32), val_labels.astype(np.float32)
-    # protocol head and optimiser; more epochs than 5 because 40 images make only 10 steps per epoch
-    config = SegProbeConfig(num_classes=NUM_CLASSES, batch_size=4, epochs=12, device="cpu")
+    # protocol head and optimiser; more epochs than 5 and a shorter warmup than 500: 40 images make 10 steps an epoch
+    config = SegProbeConfig(num_classes=NUM_CLASSES, batch_size=4, epochs=12, warmup_steps=20, device="cpu")
     head, epoch_recall = train_seg_head(
         train_tokens, pack_labels(train_labels), config, seed=0, eval_set=(val_tokens, val_labels)
     )
