@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +187,25 @@ def test_skip_invalid_trains_on_the_rest_and_lists_the_skipped(train_data, tmp_p
         assert reasons[row["id"]] in row["reason"] and row["file"] == data_path
     seen = {i for row in read_sample_order(out) for i in row["ids"]}
     assert seen and not seen & set(reasons)
+
+
+def test_skip_invalid_that_removes_every_record_refuses_and_writes_nothing(train_data, tmp_path):
+    # A wrong --image_folder makes every record invalid: before, the run logged "0 records remain",
+    # trained 0 steps, exited 0 and wrote a complete-looking model and export.
+    out = tmp_path / "out"
+    with pytest.raises(RecordError, match="leaves 0 valid record"):
+        run_main(train_argv(train_data, out, "dpo", skip_invalid=True, image_folder=tmp_path / "nowhere"))
+    assert not out.exists()
+
+
+def test_fewer_records_than_one_optimizer_step_refuse(train_data, tmp_path):
+    data_path, _ = _records_with_bad_ones(train_data, tmp_path, ())
+    records = json.loads(Path(data_path).read_text())
+    Path(data_path).write_text(json.dumps(records[:3]))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="3 record\\(s\\), fewer than one optimizer step needs \\(4"):
+        run_main(train_argv(train_data, out, "dpo", data_path=data_path, gradient_accumulation_steps=2))
+    assert not out.exists()
 
 
 def test_skip_invalid_skips_a_missing_image(train_data, tmp_path):

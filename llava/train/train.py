@@ -122,9 +122,19 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
         data_args.model_max_length,
     )
     invalid = dataset.invalid_records()
+    step = (
+        train_args.per_device_train_batch_size
+        * train_args.gradient_accumulation_steps
+        * train_args.world_size
+    )
     if parse_errors or invalid:
-        handle_invalid(dataset, parse_errors, invalid, data_args.skip_invalid, train_args.output_dir)
+        handle_invalid(dataset, parse_errors, invalid, data_args.skip_invalid, train_args.output_dir, step)
         warn_unmatched_skips(len(parse_errors) + len(invalid), train_args.loss_type)
+    elif len(dataset) < step:
+        raise ValueError(
+            f"{data_args.data_path}: {len(dataset)} record(s), fewer than one optimizer step needs ({step} = "
+            "per-device batch x gradient accumulation x processes); a run would train 0 steps."
+        )
     duplicates = [i for i, n in Counter(dataset.ids).items() if n > 1]
     if duplicates and train_args.loss_type in PREFERENCE_LOSSES and train_args.reference == "precomputed":
         raise ValueError(
@@ -139,6 +149,7 @@ def handle_invalid(
     invalid: list[tuple[int, RecordError]],
     skip: bool,
     output_dir: str,
+    min_records: int = 1,
 ) -> None:
     """Stop on invalid records, or with `skip` remove them and list them in OUTPUT_DIR/skipped_records.jsonl.
 
@@ -147,6 +158,8 @@ def handle_invalid(
     by position, so a valid record sharing its id with an invalid one (mixtures may repeat ids) is kept.
     Each skipped record is one line: its id, data file and reason, plus `position` (index in the loaded
     dataset, before removal) for records removed from the dataset.
+    Fewer than `min_records` (one optimizer step) remaining stops the run with the same report, before
+    anything is written: a run that would train 0 steps must not exit 0 with a complete-looking model.
     """
     errors = parse_errors + [error for _, error in invalid]
     lines = [f"  {e.path} [{e.record_id}]: {e.reason}" for e in errors[:20]]
@@ -156,7 +169,15 @@ def handle_invalid(
     if not skip:
         raise RecordError(errors[0].path, errors[0].record_id, f"{summary}\nFix them or pass --skip_invalid.")
     removed = {position for position, _ in invalid}
-    dataset.records = [record for position, record in enumerate(dataset.records) if position not in removed]
+    kept = [record for position, record in enumerate(dataset.records) if position not in removed]
+    if len(kept) < min_records:
+        raise RecordError(
+            errors[0].path,
+            errors[0].record_id,
+            f"{summary}\n--skip_invalid leaves {len(kept)} valid record(s), fewer than one optimizer step "
+            f"needs ({min_records}); nothing to train on (is --image_folder right?).",
+        )
+    dataset.records = kept
     rows = [{"id": e.record_id, "file": e.path, "reason": e.reason} for e in parse_errors]
     rows += [{"id": e.record_id, "file": e.path, "reason": e.reason, "position": p} for p, e in invalid]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
