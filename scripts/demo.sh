@@ -45,7 +45,17 @@ stage() {  # stage NAME COMMAND...: run one stage, log its output, print one lin
   fi
 }
 
-rm -rf "$DEMO_DIR"; mkdir -p "$LOG" "$RESULTS"
+# Only a directory this script made (it holds the marker) is ever deleted; any other non-empty one is refused.
+MARKER=.pivot-demo-dir
+if [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ]; then
+  if [ ! -f "$DEMO_DIR/$MARKER" ]; then
+    echo "[demo] DEMO_DIR=$DEMO_DIR is not empty and was not made by scripts/demo.sh (no $MARKER): refusing" \
+      "to delete it; choose another DEMO_DIR or empty it yourself" >&2
+    exit 2
+  fi
+  rm -rf "$DEMO_DIR"
+fi
+mkdir -p "$DEMO_DIR" && touch "$DEMO_DIR/$MARKER" && mkdir -p "$LOG" "$RESULTS"
 echo "[demo] scale=$DEMO_SCALE dir=$DEMO_DIR (per-stage logs in $LOG)"
 stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_size "$IMAGE_SIZE" --towers siglip
 stage world             "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
