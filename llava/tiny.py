@@ -16,6 +16,7 @@ command writes the same tensors.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -105,7 +106,19 @@ def write_vision(name: str, out_dir: Path, seed: int = 0, image_size: int = 32, 
 def write_tiny_presets(
     out_dir: str | Path, seed: int = 0, image_size: int = 32, towers: tuple[str, ...] | None = None
 ) -> dict[str, Path]:
-    """Write the tiny LLM and vision towers; returns name → directory."""
+    """Write the tiny LLM and vision towers; returns name → directory.
+
+    Unknown tower names are refused before anything is written, naming the closest known towers.
+    """
+    known = tuple(tiny_vision_configs())
+    unknown = [name for name in towers or () if name not in known]
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, known, n=3, cutoff=0.3) for name in unknown}
+        raise ValueError(
+            "unknown tiny tower(s) "
+            + ", ".join(f"{name!r} (closest: {', '.join(hints[name]) or 'none'})" for name in unknown)
+            + f"; choose from {', '.join(known)}"
+        )
     out = Path(out_dir)
     paths = {"llm": write_llm(out / "llm", seed)}
     for name in towers or tuple(tiny_vision_configs()):
@@ -123,9 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--towers", nargs="*", default=None, help="subset of towers to write (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = write_tiny_presets(
-        args.out_dir, args.seed, args.image_size, tuple(args.towers) if args.towers else None
-    )
+    try:
+        paths = write_tiny_presets(
+            args.out_dir, args.seed, args.image_size, tuple(args.towers) if args.towers else None
+        )
+    except ValueError as err:
+        parser.error(str(err))
     for name, path in paths.items():
         logger.info("%-10s %s", name, path)
 

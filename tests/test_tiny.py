@@ -79,3 +79,15 @@ def test_cli_writes_a_subset_of_towers(tmp_path):
     main([str(tmp_path), "--towers", "clip", "--image_size", "48"])
     assert {p.name for p in tmp_path.iterdir()} == {"llm", "clip"}
     assert transformers.AutoConfig.from_pretrained(tmp_path / "clip").image_size == 48
+
+
+def test_unknown_tiny_tower_is_refused_before_anything_is_written(tmp_path, capsys):
+    from llava.tiny import main
+
+    out = tmp_path / "tiny"
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(out), "--towers", "sigclip"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "unknown tiny tower(s) 'sigclip'" in message and "closest: siglip" in message
+    assert not out.exists()
