@@ -208,6 +208,20 @@ def test_fewer_records_than_one_optimizer_step_refuse(train_data, tmp_path):
     assert not out.exists()
 
 
+def test_record_kind_is_decided_over_all_records(train_data, tmp_path):
+    # A DPO file whose first record lacks `chosen` was called "conversations", and every record was
+    # reported as missing `conversations`; now only the bad record is reported, as missing `chosen`.
+    records = train_data.records("dpo")[:6]
+    bad_id = records[0]["id"]
+    records[0] = {k: v for k, v in records[0].items() if k != "chosen"}
+    path = tmp_path / "dpo.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(RecordError) as error:
+        run_main(train_argv(train_data, tmp_path / "out", "dpo", data_path=str(path)))
+    assert error.value.record_id == bad_id and "chosen" in str(error.value)
+    assert "1 invalid record" in str(error.value)
+
+
 def test_skip_invalid_skips_a_missing_image(train_data, tmp_path):
     data_path, reasons = _records_with_bad_ones(train_data, tmp_path, ("missing_image",))
     out = tmp_path / "out"

@@ -95,12 +95,26 @@ def load_projector(model, path: str) -> None:
 
 
 def detect_record_kind(data_path: str) -> str:
-    """'preference' when the first record has chosen/rejected, else 'conversation'."""
-    first_file = read_mixture(data_path)[0].json_path if data_path.endswith((".yaml", ".yml")) else data_path
-    raw = read_raw_records(first_file)
-    if not raw:
-        raise ValueError(f"{first_file}: no records")
-    return "preference" if isinstance(raw[0], dict) and "chosen" in raw[0] else "conversation"
+    """'preference' when most records (of every file of a mixture) have `chosen`, else 'conversation'.
+
+    Decided over all records, so a bad first record is reported as what it lacks (e.g. `chosen`) instead
+    of turning the whole file into the other kind; an even split names both counts and refuses.
+    """
+    is_mixture = data_path.endswith((".yaml", ".yml"))
+    files = [entry.json_path for entry in read_mixture(data_path)] if is_mixture else [data_path]
+    preference = conversation = 0
+    for path in files:
+        raw = read_raw_records(path)
+        with_chosen = sum(1 for record in raw if isinstance(record, dict) and "chosen" in record)
+        preference, conversation = preference + with_chosen, conversation + len(raw) - with_chosen
+    if preference + conversation == 0:
+        raise ValueError(f"{data_path}: no records")
+    if preference == conversation:
+        raise ValueError(
+            f"{data_path}: {preference} records have 'chosen' (preference) and {conversation} do not "
+            "(conversation); a run needs one kind."
+        )
+    return "preference" if preference > conversation else "conversation"
 
 
 def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> MultimodalDataset:
