@@ -290,6 +290,8 @@ def make_preference_question(
         "box": union_box(scene, question.targets),
         "answer_type": style,
         "question_type": question_type,
+        "answer": question.answer,  # GRPO ground truth (llava.train.rewards)
+        "answer_format": "number" if question_type == "count" else "short",
     }
 
 
