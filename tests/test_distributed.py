@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 import socket
@@ -540,3 +541,18 @@ def test_zero3_keeps_parameter_groups_on_cpu(checkpoint, tmp_path):
 @needs_deepspeed
 def test_zero3_builds_from_llm_and_vision_tower_on_cpu(train_data, tmp_path):
     torchrun(zero3_argv(train_data, tmp_path, "sft", cpu=True, max_steps=1), nproc=1)
+
+
+@pytest.mark.slow
+def test_mpo_running_delta_merges_every_ranks_batch_mean(train_data, tmp_path):
+    # InternVL's MPO (TRL 0.10 RunningMoments + get_global_statistics): each update takes the mean reward
+    # of every rank's micro-batch at once, so after 2 steps of 2 processes the running count is 4
+    # (2 without the gather), and the checkpoint carries it for an exact resume.
+    out = tmp_path / "mpo"
+    flags = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "reference": "live"}
+    torchrun(
+        [*train_argv(train_data, out, "mpo", export_encoder=False, **flags), "--ddp_backend=gloo"], nproc=2
+    )
+    saved = json.loads((out / "checkpoint-2" / "running_moments.json").read_text())
+    assert saved["count"] == pytest.approx(4)
+    assert math.isfinite(saved["mean"]) and saved["var"] >= 0
