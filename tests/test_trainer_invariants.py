@@ -123,7 +123,9 @@ def test_skip_invalid_warns_that_the_other_run_must_skip_the_same_ids(train_data
         model_max_length=1024,
         skip_invalid=True,
     )
-    train_args = PivotTrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    train_args = PivotTrainingArguments(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", per_device_train_batch_size=1
+    )
     config = build_components(train_data)[0].config
     with caplog.at_level(logging.WARNING, logger="llava.train.train"):
         dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
