@@ -103,22 +103,27 @@ def write_vision(name: str, out_dir: Path, seed: int = 0, image_size: int = 32, 
     return out_dir
 
 
+def unknown_towers(towers: tuple[str, ...]) -> str | None:
+    """A message naming each unknown tiny tower and the closest known ones, or None if all are known."""
+    known = tuple(tiny_vision_configs())
+    unknown = [name for name in towers if name not in known]
+    if not unknown:
+        return None
+    hints = {name: difflib.get_close_matches(name, known, n=3, cutoff=0.3) for name in unknown}
+    named = ", ".join(f"{name!r} (closest: {', '.join(hints[name]) or 'none'})" for name in unknown)
+    return f"unknown tiny tower(s) {named}; choose from {', '.join(known)}"
+
+
 def write_tiny_presets(
     out_dir: str | Path, seed: int = 0, image_size: int = 32, towers: tuple[str, ...] | None = None
 ) -> dict[str, Path]:
     """Write the tiny LLM and vision towers; returns name → directory.
 
-    Unknown tower names are refused before anything is written, naming the closest known towers.
+    Unknown tower names are refused before anything is written (`unknown_towers`).
     """
-    known = tuple(tiny_vision_configs())
-    unknown = [name for name in towers or () if name not in known]
-    if unknown:
-        hints = {name: difflib.get_close_matches(name, known, n=3, cutoff=0.3) for name in unknown}
-        raise ValueError(
-            "unknown tiny tower(s) "
-            + ", ".join(f"{name!r} (closest: {', '.join(hints[name]) or 'none'})" for name in unknown)
-            + f"; choose from {', '.join(known)}"
-        )
+    problem = unknown_towers(towers or ())
+    if problem:
+        raise ValueError(problem)
     out = Path(out_dir)
     paths = {"llm": write_llm(out / "llm", seed)}
     for name in towers or tuple(tiny_vision_configs()):
@@ -136,12 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--towers", nargs="*", default=None, help="subset of towers to write (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        paths = write_tiny_presets(
-            args.out_dir, args.seed, args.image_size, tuple(args.towers) if args.towers else None
-        )
-    except ValueError as err:
-        parser.error(str(err))
+    towers = tuple(args.towers) if args.towers else None
+    problem = unknown_towers(towers or ())
+    if problem:
+        parser.error(problem)
+    paths = write_tiny_presets(args.out_dir, args.seed, args.image_size, towers)
     for name, path in paths.items():
         logger.info("%-10s %s", name, path)
 

@@ -9,7 +9,7 @@ import pytest
 from data_fixtures import write_json, write_jsonl
 
 from llava.data.errors import DataFileError, EmptyResponseError
-from llava.data.mixture import load_records
+from llava.data.mixture import load_records, load_records_of_their_kind
 from llava.data.records import ConversationRecord, PreferenceRecord
 
 
@@ -123,6 +123,42 @@ def test_missing_mixture_path_names_both_paths_tried(world, monkeypatch, tmp_pat
     assert info.value.path == missing
     assert str(world / "data" / "gamma.json") in str(info.value)
     assert str(cwd / "data" / "gamma.json") in str(info.value)
+
+
+def _pairs(n: int) -> list[dict]:
+    return [{"id": f"p{i}", "prompt": "Q", "chosen": "A", "rejected": "B"} for i in range(n)]
+
+
+def _conversations(n: int) -> list[dict]:
+    return [
+        {"id": f"c{i}", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+        for i in range(n)
+    ]
+
+
+def test_kind_is_each_files_majority_and_a_bad_first_record_is_reported(tmp_path):
+    raw = _pairs(4)
+    del raw[0]["chosen"]
+    errors = []
+    kind, records = load_records_of_their_kind(
+        str(write_jsonl(tmp_path / "dpo.jsonl", raw)), None, errors=errors
+    )
+    assert kind == "preference" and [r.id for r in records] == ["p1", "p2", "p3"]
+    assert [e.record_id for e in errors] == ["p0"] and "chosen" in errors[0].reason
+    kind, _ = load_records_of_their_kind(str(write_jsonl(tmp_path / "sft.jsonl", _conversations(2))), None)
+    assert kind == "conversation"
+
+
+def test_kind_refuses_an_even_split_and_a_mixture_of_kinds(tmp_path):
+    split = write_jsonl(tmp_path / "split.jsonl", _pairs(2) + _conversations(2))
+    with pytest.raises(DataFileError, match="2 records have 'chosen' .* and 2 do not") as info:
+        load_records_of_their_kind(str(split), None)
+    assert info.value.path == str(split)
+    write_jsonl(tmp_path / "dpo.jsonl", _pairs(3))
+    write_jsonl(tmp_path / "sft.jsonl", _conversations(3))
+    mixture = write_mixture(tmp_path / "mix.yaml", ("dpo.jsonl", "all"), ("sft.jsonl", "all"))
+    with pytest.raises(DataFileError, match="holds conversation records, but .*dpo.jsonl holds preference"):
+        load_records_of_their_kind(mixture, None)
 
 
 def test_preference_kind(tmp_path):

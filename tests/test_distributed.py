@@ -553,6 +553,6 @@ def test_mpo_running_delta_merges_every_ranks_batch_mean(train_data, tmp_path):
     torchrun(
         [*train_argv(train_data, out, "mpo", export_encoder=False, **flags), "--ddp_backend=gloo"], nproc=2
     )
-    saved = json.loads((out / "checkpoint-2" / "running_moments.json").read_text())
+    saved = json.loads((out / "checkpoint-2" / "bco_running_mean.json").read_text())
     assert saved["count"] == pytest.approx(4)
     assert math.isfinite(saved["mean"]) and saved["var"] >= 0

@@ -9,8 +9,8 @@ import torch
 import train_fixtures
 from train_fixtures import make_trainer, max_abs_diff, run_main, train_argv, weights
 
-from llava.train.losses import LossConfig, batch_reward_mean, mpo_loss
-from llava.train.running_moments import FILENAME, RunningMoments
+from llava.train.losses import batch_reward_mean, mpo_loss
+from llava.train.running_mean import FILENAME, RunningMean
 
 train_data = train_fixtures.train_data  # the session fixture, shared through a module cache
 RESUME_FLAGS = {
@@ -23,67 +23,83 @@ RESUME_FLAGS = {
 }
 
 
-def test_running_moments_merge_matches_the_moments_of_the_whole_stream():
+def test_running_mean_equals_the_mean_of_the_whole_stream():
     values = [
         torch.tensor([0.3]),
         torch.tensor([-1.2, 0.5]),
         torch.tensor([2.0]),
         torch.tensor([0.1, 0.1, 4.0]),
     ]
-    moments = RunningMoments()
+    running = RunningMean()
     for chunk in values:
-        moments.update(chunk)
+        running.update(chunk)
     stream = torch.cat(values).double()
-    assert moments.count == pytest.approx(len(stream))
-    assert moments.mean == pytest.approx(stream.mean().item(), abs=1e-12)
-    assert moments.var == pytest.approx(stream.var(unbiased=False).item(), abs=1e-12)
-    assert moments.std == pytest.approx(stream.std(unbiased=True).item(), abs=1e-12)
+    assert running.count == len(stream)
+    assert running.mean == pytest.approx(stream.mean().item(), abs=1e-12)
 
 
 def test_first_update_takes_the_first_batch_mean():
-    moments = RunningMoments()
-    moments.update(torch.tensor([0.7], dtype=torch.float64))
-    assert moments.mean == pytest.approx(0.7, abs=1e-12)
+    running = RunningMean()
+    running.update(torch.tensor([0.7], dtype=torch.float64))
+    assert running.mean == pytest.approx(0.7, abs=1e-12)
 
 
-def test_running_moments_round_trip_and_name_a_bad_file(tmp_path):
-    moments = RunningMoments()
-    moments.update(torch.tensor([1.5, -0.5]))
-    moments.save(tmp_path)
-    assert RunningMoments.load(tmp_path) == moments
+def test_running_mean_round_trips_and_names_a_bad_file(tmp_path):
+    running = RunningMean()
+    running.update(torch.tensor([1.5, -0.5]))
+    running.save(tmp_path)
+    assert RunningMean.load(tmp_path) == running
     (tmp_path / FILENAME).write_text("{not json")
     with pytest.raises(ValueError, match=str(tmp_path / FILENAME)):
-        RunningMoments.load(tmp_path)
+        RunningMean.load(tmp_path)
 
 
-def test_trainer_subtracts_the_running_mean_of_micro_batch_rewards(train_data, tmp_path):
-    trainer = make_trainer(train_data, tmp_path, loss_type="mpo")
+def _mpo_losses_over_three_batches(trainer) -> list[tuple[torch.Tensor, object, float, float | None]]:
+    """Training-mode losses of three micro-batches (the policy nudged between them so their mean rewards
+    differ), each with its `PairStats`, its in-batch mean reward and the trainer's running mean after it."""
     model = trainer.model
-    cfg = LossConfig(beta=trainer.args.beta, mpo_weights=trainer.args.mpo_weight_tuple)
-    means, losses = [], []
+    cfg = trainer.loss_config
+    out = []
     for start in (0, 2, 4):
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(start, start + 2)])
         with torch.no_grad():
             stats = trainer._pair_stats(model, dict(batch), batch["sample_ids"])
             model.train()
-            losses.append(trainer.compute_loss(model, dict(batch)))
-        with torch.no_grad():  # perturb the policy so the micro-batch rewards differ from zero
+            loss = trainer.compute_loss(model, dict(batch))
             for param in model.parameters():
                 param.add_(0.01 * torch.randn_like(param))
-        means.append(batch_reward_mean(stats, cfg).item())
-        expected_delta = sum(means) / len(means)
-        assert trainer.bco_moments.mean == pytest.approx(expected_delta, abs=1e-6)
-        stats.bco_delta = expected_delta
-        per_sample, _ = mpo_loss(stats, cfg)
-        torch.testing.assert_close(
-            losses[-1], per_sample.mean() / trainer.current_gradient_accumulation_steps
-        )
-    assert len({round(m, 6) for m in means}) == 3, "the batches must have different mean rewards"
+        running = trainer.bco_running_mean.mean if trainer.bco_running_mean is not None else None
+        out.append((loss, stats, batch_reward_mean(stats, cfg).item(), running))
+    assert len({round(mean, 6) for _, _, mean, _ in out}) == 3, "the batches must have different mean rewards"
+    return out
 
 
-def test_batch_option_uses_the_micro_batch_mean(train_data, tmp_path):
+def _mpo_mean_loss(stats, cfg, bco_delta: float | None, accumulation: int) -> torch.Tensor:
+    stats.bco_delta = bco_delta
+    return mpo_loss(stats, cfg)[0].mean() / accumulation
+
+
+def test_trainer_subtracts_the_running_mean_of_micro_batch_rewards(train_data, tmp_path):
+    trainer = make_trainer(train_data, tmp_path, loss_type="mpo")
+    accumulation = trainer.current_gradient_accumulation_steps
+    means = []
+    for loss, stats, batch_mean, trainer_running in _mpo_losses_over_three_batches(trainer):
+        means.append(batch_mean)
+        running = sum(means) / len(means)
+        assert trainer_running == pytest.approx(running, abs=1e-6)
+        torch.testing.assert_close(loss, _mpo_mean_loss(stats, trainer.loss_config, running, accumulation))
+
+
+def test_batch_option_subtracts_each_micro_batch_own_mean(train_data, tmp_path):
     trainer = make_trainer(train_data, tmp_path, loss_type="mpo", bco_delta="batch")
-    assert trainer.bco_moments is None
+    assert trainer.bco_running_mean is None
+    accumulation = trainer.current_gradient_accumulation_steps
+    means = []
+    for loss, stats, batch_mean, _ in _mpo_losses_over_three_batches(trainer):
+        means.append(batch_mean)
+        torch.testing.assert_close(loss, _mpo_mean_loss(stats, trainer.loss_config, None, accumulation))
+    running = _mpo_mean_loss(stats, trainer.loss_config, sum(means) / len(means), accumulation)
+    assert abs(loss.item() - running.item()) > 1e-7, "the two options must differ by the third batch"
 
 
 @pytest.mark.slow
@@ -93,9 +109,11 @@ def test_mpo_resume_equals_uninterrupted_run(train_data, tmp_path):
     out = tmp_path / "resumed"
     first = run_main(train_argv(train_data, out, "mpo", max_steps=2, **flags))
     saved = json.loads((out / "checkpoint-2" / FILENAME).read_text())
-    assert saved["count"] == pytest.approx(first.bco_moments.count) and saved["count"] == pytest.approx(4)
+    assert saved["count"] == pytest.approx(first.bco_running_mean.count) and saved["count"] == pytest.approx(
+        4
+    )
     resumed = run_main(train_argv(train_data, out, "mpo", max_steps=4, **flags))
-    assert resumed.bco_moments.count == pytest.approx(full.bco_moments.count)
-    assert resumed.bco_moments.mean == pytest.approx(full.bco_moments.mean, abs=1e-9)
+    assert resumed.bco_running_mean.count == pytest.approx(full.bco_running_mean.count)
+    assert resumed.bco_running_mean.mean == pytest.approx(full.bco_running_mean.mean, abs=1e-9)
     assert max_abs_diff(weights(resumed.model), weights(first.model)) > 1e-5
     torch.testing.assert_close(weights(resumed.model), weights(full.model), rtol=1e-5, atol=1e-6)

@@ -403,31 +403,23 @@ def test_sft_loss_matches_the_models_own_causal_lm_loss(train_data, tmp_path):
     torch.testing.assert_close(fallback, reference / 2)
 
 
-def test_mpo_generation_term_matches_the_models_own_causal_lm_loss(train_data, tmp_path):
-    # InternVL's MPO generation term is one CrossEntropyLoss over every chosen token of the micro-batch,
-    # which is what HF's LlavaForConditionalGeneration computes from the chosen side's labels.
-    trainer = make_trainer(train_data, tmp_path, loss_type="mpo", mpo_weights="0,0,1")
-    model = trainer.model
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
-    assert len(set((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())) > 1, "want replies of mixed lengths"
-    inputs = {
-        k: v for k, v in batch.items() if k not in ("sample_ids", "image_sizes") and "rejected" not in k
-    }
-    with torch.no_grad():
-        model.eval()
-        reference = model(**inputs).loss
-        loss = trainer.compute_loss(model, dict(batch))
-    torch.testing.assert_close(loss, reference)
-
-
-def test_gamma_sft_term_is_token_weighted_over_the_batch(train_data, tmp_path):
-    # LLaVA-NeXT's SFT term is one CrossEntropyLoss over every chosen token (TRL's `sft` term likewise):
-    # with dpo_alpha 0 the loss is the model's own causal-LM loss of the chosen side, not a mean over pairs.
-    trainer = make_trainer(train_data, tmp_path, loss_type="dpo", dpo_alpha=0.0, gamma=1.0)
+@pytest.mark.parametrize(
+    "flags",
+    [
+        # InternVL's MPO generation term: one CrossEntropyLoss over every chosen token of the micro-batch.
+        {"loss_type": "mpo", "mpo_weights": "0,0,1"},
+        # LLaVA-NeXT's --gamma SFT term likewise (and TRL's `sft` term), with the DPO term weighted 0.
+        {"loss_type": "dpo", "dpo_alpha": 0.0, "gamma": 1.0},
+    ],
+    ids=["mpo_generation", "gamma"],
+)
+def test_sft_terms_are_the_models_own_causal_lm_loss_of_the_chosen_side(train_data, tmp_path, flags):
+    # HF's LlavaForConditionalGeneration loss over the chosen side's labels is token-weighted over the
+    # batch, which differs from a mean over pairs of per-pair token means when reply lengths differ.
+    trainer = make_trainer(train_data, tmp_path, **flags)
     model = trainer.model
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    lengths = (batch["labels"][:, 1:] != -100).sum(dim=1)
-    assert len(set(lengths.tolist())) > 1, "want replies of mixed lengths"
+    assert len(set((batch["labels"][:, 1:] != -100).sum(dim=1).tolist())) > 1, "want replies of mixed lengths"
     inputs = {
         k: v for k, v in batch.items() if k not in ("sample_ids", "image_sizes") and "rejected" not in k
     }
@@ -437,10 +429,7 @@ def test_gamma_sft_term_is_token_weighted_over_the_batch(train_data, tmp_path):
         loss = trainer.compute_loss(model, dict(batch))
         stats = trainer._pair_stats(model, dict(batch), batch["sample_ids"])
     torch.testing.assert_close(loss, reference)
-    per_pair_mean = stats.chosen_nll.mean()
-    assert abs(per_pair_mean.item() - loss.item()) > 1e-4, (
-        "token-weighted must differ from the mean over pairs"
-    )
+    assert abs(stats.chosen_nll.mean().item() - loss.item()) > 1e-4, "must differ from the mean over pairs"
 
 
 def test_bf16_without_deepspeed_trains_fp32_weights(train_data, tmp_path):

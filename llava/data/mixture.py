@@ -199,6 +199,23 @@ def _parse_indices(
     return records
 
 
+def file_record_kind(raw: list[Any], path: str) -> str:
+    """The kind most of a file's raw records have: "preference" with `chosen`, else "conversation".
+
+    Decided over every record, so one bad record is reported as what it lacks instead of turning the
+    file into the other kind; an even split refuses, naming both counts.
+    """
+    preference = sum(1 for record in raw if isinstance(record, dict) and "chosen" in record)
+    conversation = len(raw) - preference
+    if preference == conversation:
+        raise DataFileError(
+            path,
+            f"{preference} records have 'chosen' (preference) and {conversation} do not (conversation); "
+            "a file holds one kind",
+        )
+    return "preference" if preference > conversation else "conversation"
+
+
 def load_records(
     data_path: str,
     image_folder: str | None,
@@ -214,20 +231,47 @@ def load_records(
     """
     if kind not in RECORD_PARSERS:
         raise ValueError(f"unknown record kind {kind!r}; choose one of {sorted(RECORD_PARSERS)}")
+    return load_records_of_their_kind(data_path, image_folder, seed, errors, kind)[1]
+
+
+def load_records_of_their_kind(
+    data_path: str,
+    image_folder: str | None,
+    seed: int = 0,
+    errors: list[RecordError] | None = None,
+    kind: str | None = None,
+) -> tuple[str, list[Record]]:
+    """`load_records` that, without a `kind`, takes it from the data: each file's majority kind
+    (`file_record_kind`, decided while the file is read, so nothing is read twice); the files of a
+    mixture must agree. Returns (kind, records)."""
     data_path = str(data_path)
     if os.path.splitext(data_path)[1].lower() in MIXTURE_FILE_SUFFIXES:
         entries = read_mixture(data_path)
     else:
         entries = [MixtureEntry(json_path=data_path, strategy=SamplingStrategy("all"))]
     records: list[Record] = []
+    decided_by = None  # without a given kind: the file whose records decided it
     for position, entry in enumerate(entries):
         raw = read_raw_records(entry.json_path)
+        if raw and (kind is None or decided_by is not None):
+            file_kind = file_record_kind(raw, entry.json_path)
+            if kind is None:
+                kind, decided_by = file_kind, entry.json_path
+            elif file_kind != kind:
+                raise DataFileError(
+                    entry.json_path,
+                    f"holds {file_kind} records, but {decided_by} holds {kind} records; a mixture holds one kind",
+                )
+        if kind is None:
+            continue  # an empty file before any record: nothing to parse
         indices = entry.strategy.select(len(raw), random.Random(f"{seed}:{position}"), entry.json_path)
         records += _parse_indices(raw, indices, entry.json_path, kind, image_folder, errors)
         logger.info("%s: kept %d of %d records (%s)", entry.json_path, len(indices), len(raw), entry.strategy)
+    if kind is None:
+        raise DataFileError(data_path, "no records")
     duplicates = [record_id for record_id, n in Counter(r.id for r in records).items() if n > 1]
     if duplicates:
         logger.warning(
             "%s: %d record ids occur more than once, e.g. %s", data_path, len(duplicates), duplicates[:5]
         )
-    return records
+    return kind, records

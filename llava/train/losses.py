@@ -108,9 +108,7 @@ def hinge_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[st
 
 def batch_reward_mean(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
     """Mean implicit reward β·log(πθ/πref) over the batch's chosen and rejected responses (detached)."""
-    chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
-    rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)
-    return torch.cat([chosen, rejected]).detach().mean()
+    return torch.cat(stats.rewards(cfg.beta)).mean()
 
 
 def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
@@ -119,12 +117,12 @@ def bco_pair_loss(stats: PairStats, cfg: LossConfig) -> torch.Tensor:
     δ is the reward shift of BCO and of InternVL's MPO, whose trainer (on TRL 0.10) subtracts TRL's
     `RunningMoments` running mean of the micro-batch mean rewards across steps (TRL 1.16's own
     `bco_pair` uses no δ at all). The trainer keeps that running mean (`--bco_delta running`, the
-    default; llava.train.running_moments) and passes it as `stats.bco_delta`; with `--bco_delta batch`
+    default; llava.train.running_mean) and passes it as `stats.bco_delta`; with `--bco_delta batch`
     (or when called without one) δ is the mean reward of this batch (chosen and rejected, detached).
     """
     chosen = cfg.beta * (stats.policy_chosen - stats.ref_chosen)
     rejected = cfg.beta * (stats.policy_rejected - stats.ref_rejected)
-    delta = batch_reward_mean(stats, cfg) if stats.bco_delta is None else stats.bco_delta
+    delta = torch.cat([chosen, rejected]).detach().mean() if stats.bco_delta is None else stats.bco_delta
     return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
 
 

@@ -36,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
-from llava.data.mixture import load_records, read_mixture, read_raw_records
+from llava.data.mixture import load_records_of_their_kind
 from llava.export import cpu_state_dict, write_projector
 from llava.model.builder import ModelConfig, build_model, load_model
 from llava.model.image_tokens import image_token_counter
@@ -94,39 +94,15 @@ def load_projector(model, path: str) -> None:
     logger.info("loaded projector weights from %s", file)
 
 
-def detect_record_kind(data_path: str) -> str:
-    """'preference' when most records (of every file of a mixture) have `chosen`, else 'conversation'.
-
-    Decided over all records, so a bad first record is reported as what it lacks (e.g. `chosen`) instead
-    of turning the whole file into the other kind; an even split names both counts and refuses.
-    """
-    is_mixture = data_path.endswith((".yaml", ".yml"))
-    files = [entry.json_path for entry in read_mixture(data_path)] if is_mixture else [data_path]
-    preference = conversation = 0
-    for path in files:
-        raw = read_raw_records(path)
-        with_chosen = sum(1 for record in raw if isinstance(record, dict) and "chosen" in record)
-        preference, conversation = preference + with_chosen, conversation + len(raw) - with_chosen
-    if preference + conversation == 0:
-        raise ValueError(f"{data_path}: no records")
-    if preference == conversation:
-        raise ValueError(
-            f"{data_path}: {preference} records have 'chosen' (preference) and {conversation} do not "
-            "(conversation); a run needs one kind."
-        )
-    return "preference" if preference > conversation else "conversation"
-
-
 def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> MultimodalDataset:
-    kind = detect_record_kind(data_args.data_path)
+    parse_errors: list[RecordError] = []
+    kind, records = load_records_of_their_kind(
+        data_args.data_path, data_args.image_folder, seed=train_args.seed, errors=parse_errors
+    )
     if train_args.loss_type in PREFERENCE_LOSSES and kind != "preference":
         raise ValueError(
             f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
         )
-    parse_errors: list[RecordError] = []
-    records = load_records(
-        data_args.data_path, data_args.image_folder, kind, seed=train_args.seed, errors=parse_errors
-    )
     dataset = MultimodalDataset(
         records,
         tokenizer,

@@ -39,12 +39,13 @@ from collections import defaultdict
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats, batch_reward_mean
 from llava.train.param_groups import build_param_groups, check_deepspeed_config, describe_groups
 from llava.train.reference import lookup
-from llava.train.running_moments import RunningMoments
+from llava.train.running_mean import RunningMean
 from llava.train.sampling import MatchedSampler, SampleOrderLog
 from patches.checkpoint_keys import checkpoint_state_for, safetensors_files
 
@@ -62,7 +63,7 @@ class PivotTrainer(Trainer):
         self.loss_config = LossConfig(beta=self.args.beta, mpo_weights=self.args.mpo_weight_tuple)
         self.ref_logps = ref_logps
         running = self.args.loss_type == "mpo" and self.args.bco_delta == "running"
-        self.bco_moments = RunningMoments() if running else None
+        self.bco_running_mean = RunningMean() if running else None
         self.ref_model = None
         if self.args.loss_type in PREFERENCE_LOSSES and self.args.reference == "live":
             # Trainer places the policy itself except under DeepSpeed; the reference always goes to the device.
@@ -100,8 +101,8 @@ class PivotTrainer(Trainer):
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self.bco_moments is not None:
-            self.bco_moments = RunningMoments.load(resume_from_checkpoint)
+        if self.bco_running_mean is not None:
+            self.bco_running_mean = RunningMean.load(resume_from_checkpoint)
         model = model if model is not None else self.model
         files = safetensors_files(resume_from_checkpoint)
         if self.is_fsdp_enabled or not files or not isinstance(model, PreTrainedModel):
@@ -122,9 +123,11 @@ class PivotTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
-        if self.bco_moments is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            self.bco_moments.save(folder)
+        if self.bco_running_mean is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self.bco_running_mean.save(folder)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -158,19 +161,19 @@ class PivotTrainer(Trainer):
             else:
                 policy, counts = chosen_logps(model, inputs)
                 stats = PairStats(policy, None, None, None, counts, None)
-        if self.bco_moments is not None:
+        if self.bco_running_mean is not None:
             stats.bco_delta = self._running_bco_delta(stats, model.training)
         per_sample, parts = LOSSES[loss_type](stats, self.loss_config)
+        # The SFT loss, and the --gamma SFT term of a preference loss: token-weighted over the optimizer step.
+        nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
         if loss_type == "sft":
-            nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
             loss = self._token_normalised(nll_sum, tokens_sum, num_items_in_batch)
             parts = {"sft": nll_sum / tokens_sum.clamp(min=1)}  # log the token-weighted NLL optimised here
         else:
             loss = self.args.dpo_alpha * per_sample.mean()
             if model.training:
                 loss = loss / self.current_gradient_accumulation_steps
-            if self.args.gamma:  # token-weighted over the optimizer step, as the SFT loss (LLaVA-NeXT, TRL)
-                nll_sum, tokens_sum = -stats.policy_chosen.sum(), stats.chosen_tokens.sum()
+            if self.args.gamma:
                 loss = loss + self.args.gamma * self._token_normalised(
                     nll_sum, tokens_sum, num_items_in_batch
                 )
@@ -185,8 +188,8 @@ class PivotTrainer(Trainer):
             batch_mean = batch_reward_mean(stats, self.loss_config).reshape(1).float()
             if self.args.world_size > 1:
                 batch_mean = self.accelerator.gather(batch_mean)
-            self.bco_moments.update(batch_mean)
-        return self.bco_moments.mean
+            self.bco_running_mean.update(batch_mean)
+        return self.bco_running_mean.mean
 
     def _token_normalised(self, nll_sum, local_tokens, num_items_in_batch) -> torch.Tensor:
         if not self.model.training:
