@@ -144,6 +144,11 @@ def read_encoder_spec(path: str | Path) -> EncoderSpec:
         )
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: neither export.json nor config.json; not an encoder directory")
+    from llava.model.model_dirs import encoder_dir_problem  # an MLLM or LLM folder, named before loading
+
+    problem = encoder_dir_problem(path)
+    if problem:
+        raise ValueError(problem)
     config = AutoConfig.from_pretrained(path)
     vision = getattr(config, "vision_config", None) or config
     try:

@@ -72,6 +72,7 @@ from llava.data.mixture import load_records
 from llava.data.records import PreferenceRecord, resolve_image_path
 from llava.model.builder import load_model
 from llava.model.image_tokens import image_token_counter
+from llava.model.model_dirs import require_llava_checkpoint
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.losses import LOSSES, LossConfig, PairStats
 from llava.train.param_groups import build_param_groups, parse_tunable_parts, set_trainable_parts
@@ -448,6 +449,7 @@ def run_gradcam(
     dtype: str = "float32",
 ) -> Path:
     """Compute, save and plot the maps of the selected samples; returns the path of gradcam.json."""
+    require_llava_checkpoint(checkpoint, "--checkpoint")
     out = Path(out_dir)
     records = select_records(load_records(data_path, image_folder, "preference"), ids, num_samples, data_path)
     names = [safe_name(r.id) for r in records]

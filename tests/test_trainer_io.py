@@ -192,9 +192,13 @@ def test_skip_invalid_trains_on_the_rest_and_lists_the_skipped(train_data, tmp_p
 def test_skip_invalid_that_removes_every_record_refuses_and_writes_nothing(train_data, tmp_path):
     # A wrong --image_folder makes every record invalid: before, the run logged "0 records remain",
     # trained 0 steps, exited 0 and wrote a complete-looking model and export.
-    out = tmp_path / "out"
+    out, empty = (
+        tmp_path / "out",
+        tmp_path / "empty",
+    )  # (a missing --image_folder is refused by the preflight)
+    empty.mkdir()
     with pytest.raises(RecordError, match="leaves 0 valid record"):
-        run_main(train_argv(train_data, out, "dpo", skip_invalid=True, image_folder=tmp_path / "nowhere"))
+        run_main(train_argv(train_data, out, "dpo", skip_invalid=True, image_folder=empty))
     assert not out.exists()
 
 
@@ -305,5 +309,7 @@ def test_auto_resume_refuses_checkpoints_of_another_loss(train_data, tmp_path):
     out = tmp_path / "out"
     run_main(train_argv(train_data, out, "sft", max_steps=1, save_strategy="steps", save_steps=1))
     assert (out / "checkpoint-1").is_dir()
-    with pytest.raises(ValueError, match="holds checkpoints of a --loss_type sft run"):
+    with pytest.raises(ValueError, match="started with other settings") as error:
         run_main(train_argv(train_data, out, "dpo", max_steps=2))
+    assert "loss_type: 'sft' -> 'dpo'" in str(error.value)
+    assert not (out / "ref_logps.json").exists(), "refused before the reference pass"

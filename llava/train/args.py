@@ -173,6 +173,13 @@ class PivotTrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = field(
         default=None, metadata={"help": "Projector LR (default: learning_rate)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in an OUTPUT_DIR holding another run: its checkpoints, model and caches are "
+            "removed (llava.train.run_dir). Without it such a directory resumes only a run of the same settings."
+        },
+    )
     export_encoder: bool = field(
         default=True,
         metadata={

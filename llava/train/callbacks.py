@@ -2,8 +2,9 @@
 
 `EncoderExportCallback` (on by default, `--export_encoder False` turns it off) writes
 `vision_encoder/`, `projector/` and `export.json` (llava.export) into each checkpoint
-(`OUTPUT_DIR/checkpoint-N/`) right after the trainer saved it, and into `OUTPUT_DIR` when training
-ends, so every saved model comes with the encoder exactly as it was used at that step. It also saves
+(`OUTPUT_DIR/checkpoint-N/`: `PivotTrainer._save_checkpoint` calls `export` while the checkpoint is still
+staged, so it is renamed into place with its export; llava.train.checkpoints), and into `OUTPUT_DIR` when
+training ends, so every saved model comes with the encoder exactly as it was used at that step. It also saves
 the MLLM's image processor next to the checkpoint's weights (the trainer saves only the tokenizer),
 so `llava.model.builder.load_model` opens a `checkpoint-N/` like a final directory. Every process
 takes part (under ZeRO-3 the partitioned weights are gathered collectively); only the process that
@@ -16,7 +17,6 @@ import logging
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.export import export_model
 
@@ -42,13 +42,6 @@ class EncoderExportCallback(TrainerCallback):
         )
         if args.should_save:
             self.image_processor.save_pretrained(str(target))
-
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
-    ) -> None:
-        self.export(
-            model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", args, state
-        )
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs

@@ -31,7 +31,6 @@ from pathlib import Path
 import transformers
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
-from transformers.trainer_utils import get_last_checkpoint
 
 from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
@@ -43,8 +42,10 @@ from llava.model.image_tokens import image_token_counter
 from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3
 from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
 from llava.train.callbacks import EncoderExportCallback
+from llava.train.checkpoints import last_complete_checkpoint
 from llava.train.losses import PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
+from llava.train.preflight import preflight
 from llava.train.reference import compute_reference_logps, load_reference_logps, save_reference_logps
 from llava.train.sampling import SAMPLE_ORDER_FILE
 from llava.train.trainer import PivotTrainer
@@ -258,19 +259,13 @@ def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> 
 
 
 def resume_checkpoint(train_args) -> str | None:
-    """--resume_from_checkpoint, else the newest checkpoint in OUTPUT_DIR if it was made by the same loss."""
+    """--resume_from_checkpoint, else the newest complete checkpoint in OUTPUT_DIR (incomplete ones skipped,
+    llava.train.checkpoints); the preflight made sure OUTPUT_DIR holds a run of the same settings."""
     if train_args.resume_from_checkpoint is not None or not os.path.isdir(train_args.output_dir):
         return train_args.resume_from_checkpoint
-    last = get_last_checkpoint(train_args.output_dir)
-    if last is None:
-        return None
-    saved_loss = json.loads(Path(last, "config.json").read_text()).get("pivot_loss_type")
-    if saved_loss not in (None, train_args.loss_type):
-        raise ValueError(
-            f"{train_args.output_dir} holds checkpoints of a --loss_type {saved_loss} run ({last}); this run is "
-            f"--loss_type {train_args.loss_type}. Use another --output_dir, or resume explicitly."
-        )
-    logger.info("auto-resuming from %s", last)
+    last = last_complete_checkpoint(train_args.output_dir)
+    if last is not None:
+        logger.info("auto-resuming from %s", last)
     return last
 
 
@@ -298,6 +293,15 @@ def run(
     model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
 ) -> PivotTrainer:
     check_reference_mode(train_args)
+    with preflight(
+        model_args, data_args, train_args
+    ):  # checks, then OUTPUT_DIR locked (llava.train.preflight)
+        return train_model(model_args, data_args, train_args)
+
+
+def train_model(
+    model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
+) -> PivotTrainer:
     transformers.set_seed(train_args.seed)
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
         model, tokenizer, image_processor = load_or_build_model(

@@ -33,14 +33,14 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from llava.train.callbacks import EncoderExportCallback
+from llava.train.checkpoints import staged_checkpoint
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats, batch_reward_mean
 from llava.train.param_groups import build_param_groups, check_deepspeed_config, describe_groups
@@ -122,12 +122,15 @@ class PivotTrainer(Trainer):
         logger.info("loaded %d model tensors from %s", len(state), resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.bco_running_mean is not None and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            self.bco_running_mean.save(folder)
+        with staged_checkpoint(
+            self, trial
+        ) as folder:  # renamed into place when complete (llava.train.checkpoints)
+            super()._save_checkpoint(model, trial)
+            if self.bco_running_mean is not None and self.args.should_save:
+                self.bco_running_mean.save(folder)
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, EncoderExportCallback):
+                    callback.export(self.model, folder, self.args, self.state)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):

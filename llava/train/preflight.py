@@ -1,0 +1,208 @@
+"""Preflight of a training run: every check that needs no model, before a model is built or a file is
+written (issue 15, "refuse, don't guess").
+
+In order, each refusing with one line that names the flag, the path and what is wrong:
+1. names: `--llm` and each `--vision_tower` part is a preset of llava.model.presets, an `org/name` hub id or
+   an existing path; an unknown preset-like name (`siglip2-so61`) lists the closest presets (difflib)
+   instead of reaching the hub and coming back as its generic offline error;
+2. checkpoints: `--model_name_or_path` is a LLaVA checkpoint with weights (llava.model.model_dirs; an
+   LLM-only folder or an exported vision_encoder/ would otherwise be wrapped into a default-size random
+   LLaVA), `--stage3_source` a checkpoint or an export, `--pretrain_mm_mlp_adapter` and an explicit
+   `--resume_from_checkpoint` exist;
+3. data: `--data_path` (and `--image_folder`) exist; the data files are fingerprinted (sha256);
+4. output: no FILE named checkpoint-N in OUTPUT_DIR (it would fail the save of step N, after training up
+   to it), OUTPUT_DIR or the folder it will be made in is writable, and a finished or partly trained
+   OUTPUT_DIR was started with this run's settings (llava.train.run_dir, run identity).
+Only then the main process creates OUTPUT_DIR, takes its lock (llava.train.run_dir `RunLock`) and records
+the run identity. A failed preflight leaves nothing behind; a run that fails before it saved anything
+removes its identity, its lock and the OUTPUT_DIR it created if that is left empty.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from llava.data.errors import DataFileError
+from llava.data.mixture import read_mixture
+from llava.model.model_dirs import is_hub_id, model_dir_kind, require_llava_checkpoint
+from llava.model.presets import ENSEMBLE_SEPARATOR, LLM_PRESETS, LOCAL_VISION_PRESETS, VISION_PRESETS
+from llava.train import run_dir
+
+logger = logging.getLogger(__name__)
+
+# The training settings that define a run (run identity); its length (max_steps, epochs) is left out.
+IDENTITY_TRAINING_ARGS = (
+    "loss_type",
+    "beta",
+    "dpo_alpha",
+    "gamma",
+    "mpo_weights",
+    "bco_delta",
+    "reference",
+    "learning_rate",
+    "mm_vision_tower_lr",
+    "mm_projector_lr",
+    "mm_tunable_parts",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "world_size",
+    "seed",
+    "data_seed",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "bf16",
+    "fp16",
+)
+
+
+def closest_presets(name: str, presets: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), presets, n=3, cutoff=0.5)
+    return f"closest presets: {', '.join(close)}" if close else f"presets: {', '.join(sorted(presets))}"
+
+
+def check_model_name(flag: str, name: str, presets: list[str]) -> None:
+    """A preset, an `org/name` hub id or an existing path; anything else is refused with the closest presets."""
+    if name.lower() in presets or os.path.exists(name) or is_hub_id(name):
+        return
+    looks_like_path = os.sep in name or name.startswith((".", "~"))
+    what = "no such file or directory" if looks_like_path else "not a preset, an org/name hub id or a path"
+    raise ValueError(f"{flag} {name!r}: {what} ({closest_presets(name, presets)}).")
+
+
+def check_model_args(model_args) -> None:
+    if model_args.llm:
+        check_model_name("--llm", model_args.llm, list(LLM_PRESETS))
+    if model_args.vision_tower:
+        towers = list(VISION_PRESETS) + list(LOCAL_VISION_PRESETS)
+        for part in model_args.vision_tower.split(ENSEMBLE_SEPARATOR):
+            check_model_name("--vision_tower", part.strip(), towers)
+    if model_args.model_name_or_path:
+        require_llava_checkpoint(model_args.model_name_or_path, "--model_name_or_path")
+    if model_args.stage3_source:
+        source = model_args.stage3_source
+        if not os.path.isdir(source) or model_dir_kind(source) not in ("export", "llava"):
+            raise ValueError(
+                f"--stage3_source {source}: neither a LLaVA checkpoint nor an exported encoder (export.json)."
+            )
+        if model_dir_kind(source) == "llava":
+            require_llava_checkpoint(source, "--stage3_source")
+    if model_args.pretrain_mm_mlp_adapter and not os.path.exists(model_args.pretrain_mm_mlp_adapter):
+        raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter}: not found.")
+
+
+def data_files(data_path: str) -> list[str]:
+    """The files a run reads its records from: the file itself, or a YAML mixture and its json files."""
+    if not os.path.isfile(data_path):
+        raise DataFileError(data_path, "--data_path: no such file.")
+    if data_path.endswith((".yaml", ".yml")):
+        return [data_path, *(entry.json_path for entry in read_mixture(data_path))]
+    return [data_path]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source(value: str | None) -> str | None:
+    """A local path made absolute (the same run named from another directory), else the name as given."""
+    return os.path.abspath(value) if value and os.path.exists(value) else value
+
+
+def run_identity(model_args, data_args, train_args) -> dict:
+    """The settings that define a run (llava.train.run_dir), JSON-normalised for comparison."""
+    model = asdict(model_args)
+    for key in ("model_name_or_path", "llm", "stage3_source", "pretrain_mm_mlp_adapter"):
+        model[key] = _source(model[key])
+    if model_args.vision_tower:
+        model["vision_tower"] = ENSEMBLE_SEPARATOR.join(
+            _source(part.strip()) for part in model_args.vision_tower.split(ENSEMBLE_SEPARATOR)
+        )
+    identity = {f"model.{key}": value for key, value in model.items()}
+    identity["data.files"] = {os.path.abspath(f): file_sha256(f) for f in data_files(data_args.data_path)}
+    identity["data.image_folder"] = _source(data_args.image_folder)
+    for key in ("conv_template", "model_max_length", "skip_invalid"):
+        identity[f"data.{key}"] = getattr(data_args, key)
+    for key in IDENTITY_TRAINING_ARGS:
+        identity[key] = getattr(train_args, key)
+    return json.loads(json.dumps(identity, default=str))
+
+
+def check_output_dir(train_args) -> None:
+    output_dir = Path(train_args.output_dir)
+    if output_dir.is_dir():
+        files = [p.name for p in run_dir.checkpoint_dirs(output_dir) if not p.is_dir()]
+        if files:
+            raise FileExistsError(
+                f"--output_dir {output_dir}: {', '.join(sorted(files))} is a file, where the trainer saves its "
+                f"{PREFIX_CHECKPOINT_DIR}-N directories. Move it away."
+            )
+    run_dir.check_writable(output_dir)
+    resume = train_args.resume_from_checkpoint
+    if resume and not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint directory.")
+
+
+def check(model_args, data_args, train_args) -> dict:
+    """Every check of the module docstring that writes nothing; returns the run identity."""
+    check_model_args(model_args)
+    if data_args.image_folder and not os.path.isdir(data_args.image_folder):
+        raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such directory.")
+    identity = run_identity(model_args, data_args, train_args)
+    check_output_dir(train_args)
+    run_dir.check_identity(Path(train_args.output_dir), identity, train_args.overwrite_output_dir)
+    return identity
+
+
+@contextmanager
+def preflight(model_args, data_args, train_args) -> Iterator[None]:
+    """Check (`check`), then hold OUTPUT_DIR for the run: lock, identity, cleanup on failure (docstring)."""
+    identity = check(model_args, data_args, train_args)
+    if train_args.process_index != 0:
+        yield
+        return
+    output_dir = Path(train_args.output_dir)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir.RunLock(output_dir)
+    try:
+        lock.acquire()
+    except BaseException:
+        if created:
+            output_dir.rmdir()
+        raise
+    try:
+        if train_args.overwrite_output_dir:
+            run_dir.clear_previous_run(output_dir)
+        saved = run_dir.read_identity(output_dir)
+        if saved != identity:
+            run_dir.write_identity(output_dir, identity)
+        try:
+            yield
+        except BaseException:
+            if saved is None and not run_dir.trained_state(output_dir):
+                (output_dir / run_dir.IDENTITY_FILE).unlink(missing_ok=True)
+            raise
+    finally:
+        lock.release()
+        if created and not any(output_dir.iterdir()):
+            output_dir.rmdir()
