@@ -1,0 +1,230 @@
+"""Preflight of a training run (llava.train.preflight, llava.train.run_dir, llava.model.model_dirs; issue 15).
+
+Each bad input is refused before a model is built and leaves no file behind; two runs into one directory:
+the second refuses at once; a rerun into a trained directory resumes only a run of the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import train_fixtures
+from train_fixtures import run_main, train_argv
+
+from llava.train.run_dir import IDENTITY_FILE, LOCK_FILE
+
+train_data = train_fixtures.train_data  # the session fixture, shared through a module cache
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _from_checkpoint(train_data, out: Path, checkpoint: Path) -> list[str]:
+    argv = train_argv(train_data, out, "sft")
+    return [a for a in argv if not a.startswith(("--llm=", "--vision_tower="))] + [
+        f"--model_name_or_path={checkpoint}"
+    ]
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            {"vision_tower": "siglip2-so61"},
+            "--vision_tower 'siglip2-so61': not a preset.*closest presets: siglip2-so16",
+        ),
+        ({"llm": "qwen2.5-1.5"}, "--llm 'qwen2.5-1.5': not a preset.*closest presets: qwen2.5-1.5b"),
+        ({"llm": "./no/such/llm"}, "--llm './no/such/llm': no such file or directory"),
+        ({"data_path": "/no/such/data.json"}, "/no/such/data.json: --data_path: no such file"),
+        ({"image_folder": "/no/such/images"}, "--image_folder /no/such/images: no such directory"),
+    ],
+)
+def test_bad_names_and_paths_are_refused_before_anything_is_written(train_data, tmp_path, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match=message):
+        run_main(train_argv(train_data, out, "sft", **flags))
+    assert not out.exists()
+
+
+def test_hub_ids_and_local_paths_pass_the_name_check(tmp_path):
+    from llava.train.preflight import check_model_name
+
+    check_model_name("--vision_tower", "google/siglip2-so400m-patch16-384", ["siglip2-so16"])
+    check_model_name("--vision_tower", "SigLIP2-So16", ["siglip2-so16"])
+    check_model_name("--vision_tower", str(tmp_path), ["siglip2-so16"])
+
+
+@pytest.fixture(scope="module")
+def model_dirs(train_data, tmp_path_factory):
+    """An LLM-only folder, an exported encoder and a LLaVA checkpoint without export.json."""
+    import transformers
+
+    from llava.export import export_vision_tower
+    from llava.model.builder import ModelConfig, build_model, save_model
+
+    root = tmp_path_factory.mktemp("model_dirs")
+    export = export_vision_tower(str(train_data.vision_tower), root / "export")
+    transformers.set_seed(0)
+    model, tokenizer, processor = build_model(
+        ModelConfig(llm=str(train_data.llm), vision_tower=str(train_data.vision_tower))
+    )
+    save_model(model, tokenizer, processor, root / "llava")
+    return {"llm": train_data.llm, "export": export, "llava": root / "llava"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("llm", "an LLM-only checkpoint"),
+        ("export", "an exported encoder"),
+        ("vision_encoder", "a vision encoder alone"),
+    ],
+)
+def test_a_checkpoint_that_is_no_llava_model_is_refused_with_one_line(
+    train_data, model_dirs, tmp_path, kind, message
+):
+    # Before: LlavaForConditionalGeneration.from_pretrained built a default-size random LLaVA (rc 137).
+    path = model_dirs["export"] / "vision_encoder" if kind == "vision_encoder" else model_dirs[kind]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"--model_name_or_path {path}: {message}") as error:
+        run_main(_from_checkpoint(train_data, out, path))
+    assert "\n" not in str(error.value)
+    assert not out.exists()
+
+
+def test_gradcam_refuses_an_llm_only_checkpoint(train_data, tmp_path):
+    from analysis.gradcam import main
+
+    with pytest.raises(ValueError, match=f"--checkpoint {train_data.llm}: an LLM-only checkpoint"):
+        main(
+            [
+                "--checkpoint",
+                str(train_data.llm),
+                "--data_path",
+                str(train_data.dpo_json),
+                "--out_dir",
+                str(tmp_path),
+            ]
+        )
+
+
+def test_analysis_of_a_llava_checkpoint_without_export_points_at_llava_export(model_dirs):
+    # Before: AttributeError: 'LlavaModel' object has no attribute 'vision_model'.
+    from analysis.features import load_encoder
+
+    with pytest.raises(ValueError, match="without export.json.*python -m llava.export"):
+        load_encoder(model_dirs["llava"])
+
+
+def test_an_incomplete_llava_checkpoint_is_refused(train_data, model_dirs, tmp_path):
+    partial = tmp_path / "checkpoint-4"
+    partial.mkdir()
+    (partial / "config.json").write_text((model_dirs["llava"] / "config.json").read_text())
+    with pytest.raises(ValueError, match="no weight files"):
+        run_main(_from_checkpoint(train_data, tmp_path / "out", partial))
+
+
+def test_a_file_named_checkpoint_n_is_refused_up_front(train_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint-2").write_text("not a checkpoint")
+    with pytest.raises(FileExistsError, match="checkpoint-2 is a file"):
+        run_main(train_argv(train_data, out, "dpo", save_strategy="steps", save_steps=2))
+    assert _files(out) == ["checkpoint-2"], "no reference cache, lock or identity written"
+
+
+def test_an_output_dir_below_a_file_is_refused(train_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        run_main(train_argv(train_data, blocker / "out", "sft"))
+    assert _files(tmp_path) == ["file"]
+
+
+def _hold_lock(out: Path) -> subprocess.Popen:
+    code = (
+        "import sys, time\nfrom llava.train.run_dir import RunLock\n"
+        f"RunLock({str(out)!r}).acquire()\nprint('locked', flush=True)\ntime.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_run_into_a_locked_directory_refuses_at_once(train_data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = _hold_lock(out)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match=f"is in use by another run \\(pid {holder.pid} on "):
+            run_main(train_argv(train_data, out, "dpo"))
+        assert time.perf_counter() - start < 10, "refused before building a model"
+        assert _files(out) == [LOCK_FILE], "the other run's lock is kept, nothing else written"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(train_data, tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "x"}))
+    trainer = run_main(train_argv(train_data, out, "sft", max_steps=1))
+    assert trainer.state.global_step == 1
+    assert f"stale lock of pid {dead.pid}" in caplog.text
+    assert not (out / LOCK_FILE).exists(), "released at the end of the run"
+    assert json.loads((out / IDENTITY_FILE).read_text())["settings"]["loss_type"] == "sft"
+
+
+def test_a_rerun_with_other_settings_refuses_naming_them_unless_overwrite(train_data, tmp_path):
+    # Before: it "auto-resumed", trained 0 steps and rewrote training_args.json with settings never trained.
+    out = tmp_path / "out"
+    flags = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2}
+    run_main(train_argv(train_data, out, "sft", **flags))
+    before = _files(out)
+    with pytest.raises(ValueError, match="started with other settings") as error:
+        run_main(train_argv(train_data, out, "sft", **flags, learning_rate=5e-6, seed=1))
+    assert "learning_rate: 0.001 -> 5e-06" in str(error.value) and "seed: 0 -> 1" in str(error.value)
+    assert "loss_type" not in str(error.value)
+    assert _files(out) == before
+    trainer = run_main(
+        train_argv(train_data, out, "sft", **flags, learning_rate=5e-6, overwrite_output_dir=True)
+    )
+    assert trainer.state.global_step == 2 and trainer.state.log_history[0]["step"] == 1, "trained afresh"
+    settings = json.loads((out / IDENTITY_FILE).read_text())["settings"]
+    assert settings["learning_rate"] == 5e-6
+
+
+def test_dpo_into_a_finished_sft_dir_without_checkpoints_refuses(train_data, tmp_path):
+    # Before: with --save_strategy no it replaced the SFT model silently.
+    out = tmp_path / "out"
+    run_main(train_argv(train_data, out, "sft", max_steps=1))
+    model = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="loss_type: 'sft' -> 'dpo'"):
+        run_main(train_argv(train_data, out, "dpo", max_steps=1))
+    assert not (out / "ref_logps.json").exists() and (out / "model.safetensors").read_bytes() == model
+
+
+def test_a_changed_data_file_is_a_different_run(train_data, tmp_path):
+    data = tmp_path / "sft.json"
+    data.write_text(train_data.sft_json.read_text())
+    out = tmp_path / "out"
+    run_main(train_argv(train_data, out, "sft", max_steps=1, data_path=data))
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[::-1]))
+    with pytest.raises(ValueError, match=f"data.files: .*{data.name}"):
+        run_main(train_argv(train_data, out, "sft", max_steps=1, data_path=data))
