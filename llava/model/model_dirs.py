@@ -40,14 +40,14 @@ def read_config(path: Path) -> dict:
 def model_dir_kind(path: str | Path) -> str:
     """One of the kinds of the module docstring, for an existing directory."""
     path = Path(path)
+    raw = read_config(path) if (path / "config.json").is_file() else {}
+    if raw.get("model_type") in LLAVA_MODEL_TYPES:  # a run's OUTPUT_DIR also holds export.json
+        return "llava"
     if (path / "export.json").is_file():
         return "export"
-    if not (path / "config.json").is_file():
+    if not raw:
         return "other"
-    raw = read_config(path)
     model_type = raw.get("model_type")
-    if model_type in LLAVA_MODEL_TYPES:
-        return "llava"
     if "mm_vision_tower" in raw or "mm_projector_type" in raw:
         return "llava_next_original"
     architectures = raw.get("architectures") or []

@@ -30,12 +30,15 @@ class EncoderExportCallback(TrainerCallback):
         self.image_processor = image_processor
         self.loss_type = loss_type
 
-    def export(self, model, target: Path, args: TrainingArguments, state: TrainerState) -> None:
+    def export(
+        self, model, target: Path, args: TrainingArguments, state: TrainerState, source: Path | None = None
+    ) -> None:
+        """Write the export into `target`; `source` is the checkpoint it records (default: `target`)."""
         export_model(
             model,
             self.image_processor,
             target,
-            source_checkpoint=target,
+            source_checkpoint=source or target,
             global_step=state.global_step,
             loss_type=self.loss_type,
             is_main_process=args.should_save,

@@ -60,28 +60,27 @@ def publish(staged: Path, final: Path) -> None:
 
 
 @contextmanager
-def staged_checkpoint(trainer, trial) -> Iterator[Path]:
+def staged_checkpoint(trainer, trial) -> Iterator[tuple[Path, Path]]:
     """Make the trainer's `_save_checkpoint` write into the staging folder; publish it on exit.
 
-    Yields the staged checkpoint folder (extra files go there). The trainer's own checkpoint rotation,
+    Yields (staged folder, final folder): extra files go to the first, paths recorded in them name the second. The trainer's own checkpoint rotation,
     which ran inside the staging folder, is redone in OUTPUT_DIR once the new checkpoint is in place.
     """
     run_dir = trainer._get_output_dir(trial)
     name = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     staging = Path(run_dir) / STAGING_DIR
-    staged = staging / name
+    staged, final = staging / name, Path(run_dir) / name
     if trainer.args.should_save:
         shutil.rmtree(staged, ignore_errors=True)  # left by a save that was killed
     trainer.accelerator.wait_for_everyone()
     original = trainer._get_output_dir
     trainer._get_output_dir = lambda trial=None: str(staging)
     try:
-        yield staged
+        yield staged, final
     finally:
         trainer._get_output_dir = original
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
-        final = Path(run_dir) / name
         publish(staged, final)
         if trainer.state.best_model_checkpoint == str(staged):
             trainer.state.best_model_checkpoint = str(final)

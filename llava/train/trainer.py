@@ -122,15 +122,13 @@ class PivotTrainer(Trainer):
         logger.info("loaded %d model tensors from %s", len(state), resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
-        with staged_checkpoint(
-            self, trial
-        ) as folder:  # renamed into place when complete (llava.train.checkpoints)
+        with staged_checkpoint(self, trial) as (folder, final):  # renamed into place when complete
             super()._save_checkpoint(model, trial)
             if self.bco_running_mean is not None and self.args.should_save:
                 self.bco_running_mean.save(folder)
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, EncoderExportCallback):
-                    callback.export(self.model, folder, self.args, self.state)
+                    callback.export(self.model, folder, self.args, self.state, source=final)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
