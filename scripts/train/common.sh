@@ -104,14 +104,8 @@ pivot_train() {
     --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
 }
 
-# Stage 2 (sft.sh, dpo.sh): reads the variables those scripts set at their top.
+# Stage 2 (sft.sh, dpo.sh): reads the variables those scripts set at their top (MODEL_ARGS: paths.sh).
 pivot_stage2() {
-  local MODEL_ARGS
-  if [ -d "$CKPT_PATH" ]; then
-    MODEL_ARGS=(--model_name_or_path "$CKPT_PATH")
-  else
-    MODEL_ARGS=(--llm "$LLM_VERSION" --vision_tower "$VISION_MODEL_VERSION")
-  fi
   echo "[stage2] $LOSS_TYPE: ${MODEL_ARGS[*]} data=$DATA_PATH out=$OUTPUT_DIR gpus=$NUM_GPUS x $NNODES batch=$GLOBAL_BATCH ($PER_DEVICE_BATCH x GA $(pivot_grad_accum))"
   pivot_train "${MODEL_ARGS[@]}" --loss_type "$LOSS_TYPE" --beta "$BETA" --gamma "$GAMMA" --reference "$REFERENCE" \
     --mm_tunable_parts mm_vision_tower,mm_mlp_adapter,mm_language_model -- "$@"

@@ -4,6 +4,8 @@
 # LR 1e-5, 1 epoch, global batch 256, cosine, warmup 0.03, ZeRO-2. Starts from the pivot_proj.sh checkpoint
 # CKPT_PATH. Every variable can be set from the environment; extra arguments go to `python -m llava.train.train`.
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
+pivot_caller_paths CKPT_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED LLM_VERSION
 cd "$(dirname "$0")/../.."
 
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}

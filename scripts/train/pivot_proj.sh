@@ -6,6 +6,8 @@
 # continues from OUTPUT_DIR. Every variable can be set from the environment; extra arguments go to
 # `python -m llava.train.train`.
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
+pivot_caller_paths STAGE2_SOURCE DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED LLM_VERSION
 cd "$(dirname "$0")/../.."
 
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}

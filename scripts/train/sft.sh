@@ -3,13 +3,16 @@
 # batch and steps as dpo.sh; only the loss and LR differ): global batch 256, 3 epochs, LR 5e-6. Every variable
 # can be set from the environment; extra arguments go to `python -m llava.train.train`.
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
+pivot_caller_paths CKPT_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED LLM_VERSION VISION_MODEL_VERSION
 cd "$(dirname "$0")/../.."
 
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
 VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
-RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
-# Stage-1 checkpoint to start from; if it does not exist, the model is built from the two versions above.
-CKPT_PATH=${CKPT_PATH:-runs/stage1_full/$RUN_BASE}
+# Stage-1 checkpoint to start from (required); FROM_SCRATCH=1 builds the two versions above untrained instead.
+CKPT_PATH=${CKPT_PATH:-runs/stage1_full/${LLM_VERSION}_${VISION_MODEL_VERSION}}
+pivot_stage2_model  # MODEL_ARGS, MODEL_NAME: the run is named after what is loaded
+RUN_BASE=${RUN_BASE:-$MODEL_NAME}
 DATA_PATH=${DATA_PATH:-data/mmpr/mmpr_dpo.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-data/mmpr}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/stage2/${RUN_BASE}_sft}

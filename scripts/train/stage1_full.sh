@@ -5,6 +5,8 @@
 # builds LLM_VERSION + VISION_MODEL_VERSION and loads that projector (a Stage-1a OUTPUT_DIR/projector/).
 # Every variable can be set from the environment; extra arguments go to `python -m llava.train.train`.
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
+pivot_caller_paths CKPT_PATH PRETRAIN_ADAPTER DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED LLM_VERSION VISION_MODEL_VERSION
 cd "$(dirname "$0")/../.."
 
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}

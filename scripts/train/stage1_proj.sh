@@ -5,6 +5,8 @@
 # `--pretrain_mm_mlp_adapter` reloads. Every variable can be set from the environment (distributed ones:
 # scripts/train/common.sh); extra arguments go to `python -m llava.train.train` (e.g. --max_steps 2).
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
+pivot_caller_paths DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED LLM_VERSION VISION_MODEL_VERSION
 cd "$(dirname "$0")/../.."
 
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
