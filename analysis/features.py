@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from analysis.image_sources import ImageSource, center_square_crop, image_source_from_args, stable_hash
+from llava.file_checks import check_safetensors, check_safetensors_in, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def read_encoder_spec(path: str | Path) -> EncoderSpec:
     path = Path(path)
     export_file = path / "export.json"
     if export_file.is_file():
-        export = json.loads(export_file.read_text())
+        export = read_json(export_file, "export description")
         missing = [k for k in ("format_version", "feature_layer", "num_prefix_tokens") if k not in export]
         if missing or export["format_version"] != 1:
             raise ValueError(
@@ -124,7 +125,7 @@ def read_encoder_spec(path: str | Path) -> EncoderSpec:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json; not an exported encoder")
         projector_dir = path / "projector" if (path / "projector" / "config.json").is_file() else None
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "unknown")
+        model_type = read_json(model_dir / "config.json", "model config").get("model_type", "unknown")
         labels = {k: export[k] for k in ("loss_type", "vision_tower", "llm", "global_step") if k in export}
         layer, prefix = int(export["feature_layer"]), int(export["num_prefix_tokens"])
         grid = export.get("grid")
@@ -183,13 +184,14 @@ class Projector(torch.nn.Module):
 def load_projector(projector_dir: Path) -> Projector:
     from safetensors.torch import load_file
 
-    config = json.loads((projector_dir / "config.json").read_text())
+    config = read_json(projector_dir / "config.json", "projector config")
     if config.get("projector_type") != "mlp2x_gelu" or config.get("act", "gelu") != "gelu":
         raise ValueError(
             f"{projector_dir}/config.json: only projector_type mlp2x_gelu with act gelu is supported"
         )
     sizes = (config["in_features"], config["hidden_features"], config["out_features"])
     projector = Projector(*sizes, bias=config.get("bias", True))
+    check_safetensors(projector_dir / "model.safetensors")
     try:
         projector.load_state_dict(load_file(projector_dir / "model.safetensors"), strict=True)
     except (RuntimeError, FileNotFoundError) as error:
@@ -260,6 +262,7 @@ def load_encoder(
         import llava.model  # noqa: F401  (registers the ensemble class with the Auto classes)
     if with_projector and spec.projector_dir is None:
         raise ValueError(f"{spec.path}: projector features asked for but there is no projector/ directory")
+    check_safetensors_in(spec.model_dir)
     model = AutoModel.from_pretrained(
         spec.model_dir, **({"mask_ratio": 0.0} if spec.model_type == "vit_mae" else {})
     )
@@ -471,7 +474,7 @@ def _run_extraction(
 
 def _read_cache(cache_path: Path, source: ImageSource) -> FeatureSet:
     """Cached features; labels and class names are the source's own (the cache key covers only images)."""
-    meta = json.loads((cache_path / "meta.json").read_text())
+    meta = read_json(cache_path / "meta.json", "feature cache description")
     arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(cache_path.glob("*.npy"))}
     return FeatureSet(arrays, source.labels, source.class_names, meta)
 

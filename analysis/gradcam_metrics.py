@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
 
 from analysis.results_rows import rows_with_file_labels
+from llava.file_checks import read_json
 
 Extent = tuple[float, float, float, float]
 SUMMARY_FIELDS = (
@@ -327,7 +327,7 @@ def read_gradcam_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     to the file's path)."""
     rows: list[dict[str, Any]] = []
     for path in paths:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = read_json(path, "gradcam results file")
         if not isinstance(doc, dict) or doc.get("kind") != "gradcam":
             raise ValueError(f"{path}: not a results file of kind 'gradcam'")
         for index, row in enumerate(rows_with_file_labels(Path(path), {"run": str(path), **doc})):

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from analysis.results_rows import rows_with_file_labels
+from llava.file_checks import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ def training_section(run_dir: Path) -> dict[str, dict]:
     for state_file in sorted(run_dir.rglob("trainer_state.json")):
         if "checkpoint-" in state_file.parent.name:
             continue
-        state = json.loads(state_file.read_text())
+        state = read_json(state_file, "trainer state")
         history = [entry for entry in state.get("log_history", []) if "loss" in entry]
         args_file = state_file.parent / "training_args.json"
-        loss_type = json.loads(args_file.read_text()).get("loss_type") if args_file.exists() else None
+        loss_type = (
+            read_json(args_file, "training arguments").get("loss_type") if args_file.exists() else None
+        )
         last = history[-1] if history else {}
         runs[str(state_file.parent.relative_to(run_dir))] = {
             "loss_type": loss_type,

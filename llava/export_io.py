@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedModel
 
 import llava.model  # noqa: F401  (registers pivot_multi_tower with the Auto classes)
+from llava.file_checks import check_safetensors
 from llava.model.encoders import (
     ENCODER_FAMILIES,
     EncoderFamily,
@@ -254,6 +255,7 @@ def read_tensors(checkpoint: Path, prefixes: tuple[str, ...]) -> dict[str, dict[
     """Tensors under each prefix (prefix stripped), reading only those keys."""
     found: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
     for file in _checkpoint_files(checkpoint):
+        check_safetensors(file)
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                 prefix = next((p for p in prefixes if key.startswith(p)), None)

@@ -14,9 +14,10 @@ Kinds (`model_dir_kind`): `llava` (HF Llava / LLaVA-OneVision, this project's ch
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from llava.file_checks import FileFormatError, check_safetensors_in, read_json
 
 LLAVA_MODEL_TYPES = ("llava", "llava_onevision")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -30,11 +31,7 @@ def is_hub_id(name: str) -> bool:
 
 def read_config(path: Path) -> dict:
     """config.json of a model directory, as a dict; a parse error names the file."""
-    file = path / "config.json"
-    try:
-        return json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{file}: unreadable config ({error}).") from error
+    return read_json(path / "config.json", "model config")
 
 
 def model_dir_kind(path: str | Path) -> str:
@@ -88,6 +85,10 @@ def llava_checkpoint_problem(path: str | Path, flag: str) -> str | None:
         return f"{flag} {name}: {what[kind]}; give a LLaVA checkpoint (a training run's OUTPUT_DIR or checkpoint-N)."
     if not has_weights(path):
         return f"{flag} {name}: a LLaVA config.json but no weight files (an incomplete or interrupted save)."
+    try:
+        check_safetensors_in(path)
+    except FileFormatError as error:
+        return f"{flag} {name}: {error}"
     return None
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from llava.file_checks import FileFormatError, check_safetensors_in
 from llava.model.model_dirs import has_weights
 from llava.train.run_dir import checkpoint_dirs
 
@@ -30,9 +31,17 @@ TRAINER_STATE = "trainer_state.json"
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / TRAINER_STATE).is_file() and (
-        has_weights(checkpoint) or any(checkpoint.glob("global_step*"))  # DeepSpeed's own layout
-    )
+    """trainer_state.json and weights present, every safetensors file whole (llava.file_checks)."""
+    if not (checkpoint / TRAINER_STATE).is_file():
+        return False
+    if not (has_weights(checkpoint) or any(checkpoint.glob("global_step*"))):  # or DeepSpeed's own layout
+        return False
+    try:
+        check_safetensors_in(checkpoint)
+    except FileFormatError as error:
+        logger.warning("%s", error)
+        return False
+    return True
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
@@ -42,7 +51,7 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
         if is_complete(checkpoint):
             return str(checkpoint)
         logger.warning(
-            "%s is incomplete (no %s or no weights: a save that was interrupted); skipping it.",
+            "%s is incomplete (no %s, no weights or a truncated one: a save that was interrupted); skipping it.",
             checkpoint,
             TRAINER_STATE,
         )

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llava.file_checks import FileFormatError, read_json
 from llava.train.logps import pair_logps
 
 logger = logging.getLogger(__name__)
@@ -88,13 +89,18 @@ def load_reference_logps(
     path: str | Path, required_ids: list[str], reference: str | dict | None = None
 ) -> dict[str, tuple[float, float]]:
     """Read a cache; check it was made for `reference` (when given) and covers every id of the run."""
-    payload = json.loads(Path(path).read_text())
+    payload = read_json(path, "reference log-prob cache")
+    try:
+        logps = {k: (float(v[0]), float(v[1])) for k, v in payload["logps"].items()}
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as error:
+        raise FileFormatError(
+            path, "reference log-prob cache", f"no 'logps' of [chosen, rejected] pairs: {error!r}"
+        ) from error
     if reference is not None and payload.get("reference") != reference:
         raise ValueError(
             f"reference log-prob cache {path} was made for {payload.get('reference')!r}, not for this run "
             f"({reference!r}); delete it to recompute, or point --ref_logps_path elsewhere."
         )
-    logps = {k: (float(v[0]), float(v[1])) for k, v in payload["logps"].items()}
     missing = [i for i in required_ids if i not in logps]
     if missing:
         raise ValueError(
@@ -105,7 +111,7 @@ def load_reference_logps(
         "loaded reference log-probs for %d samples from %s (reference: %s)",
         len(logps),
         path,
-        payload["reference"],
+        payload.get("reference"),
     )
     return logps
 

@@ -37,6 +37,7 @@ from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
 from llava.data.mixture import load_records_of_their_kind
 from llava.export import cpu_state_dict, write_projector
+from llava.file_checks import check_safetensors, read_json
 from llava.model.builder import ModelConfig, build_model, load_model
 from llava.model.image_tokens import image_token_counter
 from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3
@@ -90,6 +91,7 @@ def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str 
 def load_projector(model, path: str) -> None:
     """Load projector weights (`linear_1.*`, `linear_2.*`) from a projector/ dir or safetensors file."""
     file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    check_safetensors(file)
     state = load_file(str(file))
     model.model.multi_modal_projector.load_state_dict(state)
     logger.info("loaded projector weights from %s", file)
@@ -273,7 +275,7 @@ def zero_stage(deepspeed: str | dict | None) -> int:
     """ZeRO stage of a DeepSpeed config (file path or dict); 0 without DeepSpeed."""
     if not deepspeed:
         return 0
-    config = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+    config = deepspeed if isinstance(deepspeed, dict) else read_json(deepspeed, "DeepSpeed config")
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 

@@ -39,6 +39,7 @@ from collections import defaultdict
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from llava.file_checks import check_safetensors_in
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.checkpoints import staged_checkpoint
 from llava.train.logps import chosen_logps, pair_logps
@@ -105,6 +106,7 @@ class PivotTrainer(Trainer):
             self.bco_running_mean = RunningMean.load(resume_from_checkpoint)
         model = model if model is not None else self.model
         files = safetensors_files(resume_from_checkpoint)
+        check_safetensors_in(resume_from_checkpoint)  # a truncated file names itself (llava.file_checks)
         if self.is_fsdp_enabled or not files or not isinstance(model, PreTrainedModel):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
