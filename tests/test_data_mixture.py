@@ -226,3 +226,17 @@ def test_bad_record_inside_mixture_names_file_and_id(world):
     with pytest.raises(EmptyResponseError) as info:
         load_records(path, None, "conversation")
     assert info.value.path == str(world / "data" / "bad.json") and info.value.record_id == "bad:2"
+
+
+def test_duplicate_ids_are_refused_naming_the_ids_and_files(world):
+    # Before: SFT data with repeated ids only warned, and sample_order.jsonl no longer identified samples.
+    records = [{**qa(i), "id": f"q{i % 3}"} for i in range(4)]
+    write_json(world / "data" / "dup.json", records)
+    with pytest.raises(
+        DataFileError, match="1 sample id\\(s\\) occur more than once \\('q0' x2 in .*dup.json\\)"
+    ):
+        load_records(str(world / "data" / "dup.json"), str(world), "conversation")
+    write_json(world / "data" / "gamma.json", [{**qa(i), "id": f"g{i}"} for i in range(3)])
+    mixture = write_mixture(world / "twice.yaml", ("data/gamma.json", "all"), ("data/gamma.json", "first:1"))
+    with pytest.raises(DataFileError, match=f"{mixture}: .*'g0' x2 in .*gamma.json"):
+        load_records(mixture, str(world), "conversation")

@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,9 +268,24 @@ def load_records_of_their_kind(
         logger.info("%s: kept %d of %d records (%s)", entry.json_path, len(indices), len(raw), entry.strategy)
     if kind is None:
         raise DataFileError(data_path, "no records")
-    duplicates = [record_id for record_id, n in Counter(r.id for r in records).items() if n > 1]
-    if duplicates:
-        logger.warning(
-            "%s: %d record ids occur more than once, e.g. %s", data_path, len(duplicates), duplicates[:5]
-        )
+    refuse_duplicate_ids(records, data_path)
     return kind, records
+
+
+def refuse_duplicate_ids(records: list[Record], data_path: str) -> None:
+    """Sample ids must be unique: sample_order.jsonl, the matched sampler and the reference cache identify
+    samples by id. The error names each repeated id (up to 5) and the files it occurs in."""
+    files: dict[str, list[str]] = {}
+    for record in records:
+        files.setdefault(record.id, []).append(record.source)
+    repeated = {record_id: sources for record_id, sources in files.items() if len(sources) > 1}
+    if repeated:
+        shown = "; ".join(
+            f"{record_id!r} x{len(sources)} in {', '.join(sorted(set(sources)))}"
+            for record_id, sources in list(repeated.items())[:5]
+        )
+        raise DataFileError(
+            data_path,
+            f"{len(repeated)} sample id(s) occur more than once ({shown}{'; ...' if len(repeated) > 5 else ''}); "
+            "sample_order.jsonl and the reference cache identify samples by id: give each record its own id.",
+        )

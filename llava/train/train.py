@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -127,11 +126,6 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
         raise ValueError(
             f"{data_args.data_path}: {len(dataset)} record(s), fewer than one optimizer step needs ({step} = "
             "per-device batch x gradient accumulation x processes); a run would train 0 steps."
-        )
-    duplicates = [i for i, n in Counter(dataset.ids).items() if n > 1]
-    if duplicates and train_args.loss_type in PREFERENCE_LOSSES and train_args.reference == "precomputed":
-        raise ValueError(
-            f"{data_args.data_path}: duplicate sample ids {duplicates[:5]} would clash in the reference cache."
         )
     return dataset
 
