@@ -573,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max_text_length", type=int, default=None, help="truncate captions to this many tokens (default: no truncation)")
     parser.add_argument("--device", default="auto", help="torch device for models and metrics (auto = cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="model weights dtype (auto = bfloat16 on cuda, float32 on cpu)")
-    parser.add_argument("--output_dir", required=True, help="where alignment.json, alignment.md and alignment.png go")
+    parser.add_argument("--out_dir", "--output_dir", dest="output_dir", required=True, help="where alignment.json, alignment.md and alignment.png go")
     # fmt: on
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

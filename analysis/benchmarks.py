@@ -53,7 +53,7 @@ MMVP index to ``doc_id``.
 
 Outputs: ``benchmarks.csv``, ``benchmarks.md`` and ``benchmarks.json`` (CONTRACTS §4, kind
 "benchmarks": one row per run with ``run``, its labels, one 0–100 key per benchmark, the category
-averages, ``Average`` and ``missing``). CLI: ``python -m analysis.benchmarks RUN_DIR... --out-dir DIR``.
+averages, ``Average`` and ``missing``). CLI: ``python -m analysis.benchmarks RUN_DIR... --out_dir DIR``.
 """
 
 from __future__ import annotations
@@ -515,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run directories holding *_results.json, or folders searched below",
     )
     parser.add_argument(
-        "--out-dir", type=Path, required=True, help="where benchmarks.{csv,md,json} are written"
+        "--out_dir", "--out-dir", type=Path, required=True, help="where benchmarks.{csv,md,json} are written"
     )
     parser.add_argument(
         "--labels",

@@ -484,24 +484,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encoder", required=True, help="exported encoder dir or HF vision-model dir")
     parser.add_argument("--data", required=True, help="ImageFolder root or `datasets.save_to_disk` directory")
     parser.add_argument(
-        "--data-format", choices=["imagefolder", "hf"], default="imagefolder", help="--data layout"
+        "--data_format",
+        "--data-format",
+        choices=["imagefolder", "hf"],
+        default="imagefolder",
+        help="--data layout",
     )
     parser.add_argument(
         "--split", default=None, help="split sub-folder (imagefolder) or DatasetDict split (hf)"
     )
     parser.add_argument(
-        "--feature-points", nargs="+", default=["encoder"], choices=FEATURE_POINTS, help="where"
+        "--feature_points",
+        "--feature-points",
+        nargs="+",
+        default=["encoder"],
+        choices=FEATURE_POINTS,
+        help="where",
     )
     parser.add_argument("--pooling", nargs="+", default=["mean"], choices=POOLINGS, help="token pooling(s)")
     parser.add_argument("--layers", nargs="*", type=int, default=[], help="extra hidden-state indices")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--num_workers", "--num-workers", type=int, default=0, help="DataLoader workers decoding images"
+    )
     parser.add_argument(
         "--dtype", default="float32", help="encoder compute dtype (float32, bfloat16, float16)"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
     parser.add_argument(
-        "--cache-dir", default=str(DEFAULT_CACHE_DIR), help="cache root (env PIVOT_FEATURE_CACHE)"
+        "--cache_dir",
+        "--cache-dir",
+        default=str(DEFAULT_CACHE_DIR),
+        help="cache root (env PIVOT_FEATURE_CACHE)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -303,7 +303,7 @@ def options_for(spec: EncoderSpec, options: FeatureOptions) -> FeatureOptions:
         return options
     points = tuple(p for p in options.feature_points if p != "projector")
     if not points:
-        raise ValueError(f"{spec.path}: has no projector/, and --feature-points asks for the projector only")
+        raise ValueError(f"{spec.path}: has no projector/, and --feature_points asks for the projector only")
     logger.warning("%s: no projector/, so no projector rows; probing %s only", spec.path, ", ".join(points))
     return replace(options, feature_points=points)
 
@@ -329,26 +329,50 @@ def main(argv: list[str] | None = None) -> None:
         "--encoders", nargs="+", required=True, help="exported encoder dirs (or HF vision-model dirs)"
     )
     parser.add_argument(
-        "--run-names", nargs="*", default=None, help="row labels, one per encoder (default: dir names)"
+        "--run_names",
+        "--run-names",
+        nargs="*",
+        default=None,
+        help="row labels, one per encoder (default: dir names)",
     )
     parser.add_argument(
-        "--train-data", required=True, help="training images: ImageFolder root or datasets dir"
+        "--train_data",
+        "--train-data",
+        required=True,
+        help="training images: ImageFolder root or datasets dir",
     )
-    parser.add_argument("--eval-data", required=True, help="evaluation images (same format)")
+    parser.add_argument("--eval_data", "--eval-data", required=True, help="evaluation images (same format)")
     parser.add_argument(
-        "--data-format", choices=["imagefolder", "hf"], default="imagefolder", help="layout of the data dirs"
+        "--data_format",
+        "--data-format",
+        choices=["imagefolder", "hf"],
+        default="imagefolder",
+        help="layout of the data dirs",
     )
     parser.add_argument(
-        "--train-split", default=None, help="split sub-folder / DatasetDict split of --train-data"
+        "--train_split",
+        "--train-split",
+        default=None,
+        help="split sub-folder / DatasetDict split of --train_data",
     )
     parser.add_argument(
-        "--eval-split", default=None, help="split sub-folder / DatasetDict split of --eval-data"
+        "--eval_split",
+        "--eval-split",
+        default=None,
+        help="split sub-folder / DatasetDict split of --eval_data",
     )
     parser.add_argument(
-        "--train-subset", type=int, default=None, help="seeded random training subset (paper: 50000)"
+        "--train_subset",
+        "--train-subset",
+        type=int,
+        default=None,
+        help="seeded random training subset (paper: 50000)",
     )
-    parser.add_argument("--eval-subset", type=int, default=None, help="seeded random evaluation subset")
     parser.add_argument(
+        "--eval_subset", "--eval-subset", type=int, default=None, help="seeded random evaluation subset"
+    )
+    parser.add_argument(
+        "--feature_points",
         "--feature-points",
         nargs="+",
         default=["encoder", "projector"],
@@ -364,26 +388,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["logreg", "prototype"], choices=METHODS, help="probe methods"
     )
-    parser.add_argument("--c-grid", nargs="+", type=float, default=list(DEFAULT_C_GRID), help="coarse C grid")
     parser.add_argument(
-        "--refine-steps", type=int, default=3, help="C refinement rounds around the best value"
+        "--c_grid", "--c-grid", nargs="+", type=float, default=list(DEFAULT_C_GRID), help="coarse C grid"
     )
     parser.add_argument(
-        "--val-fraction", type=float, default=0.2, help="share of training data held out to pick C"
+        "--refine_steps",
+        "--refine-steps",
+        type=int,
+        default=3,
+        help="C refinement rounds around the best value",
     )
-    parser.add_argument("--max-iter", type=int, default=1000, help="solver iterations")
+    parser.add_argument(
+        "--val_fraction",
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of training data held out to pick C",
+    )
+    parser.add_argument("--max_iter", "--max-iter", type=int, default=1000, help="solver iterations")
     parser.add_argument("--seed", type=int, default=0, help="seed for subsets and the validation split")
     parser.add_argument("--out", required=True, help="results JSON (kind linear_probe, docs/CONTRACTS.md §4)")
     parser.add_argument("--table", default=None, help="also write a Markdown table here")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder forward pass")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    parser.add_argument(
+        "--batch_size", "--batch-size", type=int, default=64, help="images per encoder forward pass"
+    )
+    parser.add_argument(
+        "--num_workers", "--num-workers", type=int, default=0, help="DataLoader workers decoding images"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature cache root")
+    parser.add_argument(
+        "--cache_dir", "--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature cache root"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     names = args.run_names or [Path(e).name for e in args.encoders]
     if len(names) != len(args.encoders) or len(set(names)) != len(names):
-        raise SystemExit(f"run names {names} must be unique, one per encoder; pass --run-names")
+        raise SystemExit(f"run names {names} must be unique, one per encoder; pass --run_names")
     config = LinearProbeConfig(
         tuple(args.methods),
         tuple(args.c_grid),

@@ -6,7 +6,7 @@ the paper's figure types whose inputs exist (analysis/plots.py) into OUT_DIR/fig
 OUT_DIR/report.md: an optional prominent caveat, the tables (benchmarks, linear probe, segmentation
 probe, alignment, Grad-CAM), links to the figures, and the figure types skipped with the reason.
 
-Optionally ``--lmms-eval DIR`` aggregates raw lmms-eval output first (analysis/benchmarks.py, which
+Optionally ``--lmms_eval DIR`` aggregates raw lmms-eval output first (analysis/benchmarks.py, which
 also writes benchmarks.{csv,md,json} into OUT_DIR). JSON files without a ``kind`` (lmms-eval raw
 results, export.json, configs) are counted and otherwise not read; OUT_DIR itself is not walked.
 
@@ -491,9 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path, help="where report.md and figures/*.png are written")
     parser.add_argument("--caveat", help="text shown prominently at the top of the report")
-    parser.add_argument("--caveat-file", type=Path, help="read the caveat text from this file")
+    parser.add_argument(
+        "--caveat_file", "--caveat-file", type=Path, help="read the caveat text from this file"
+    )
     parser.add_argument("--title", default="pivot results", help="report title")
     parser.add_argument(
+        "--lmms_eval",
         "--lmms-eval",
         type=Path,
         action="append",
@@ -501,12 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="lmms-eval output dir to aggregate (repeatable)",
     )
     parser.add_argument(
-        "--labels", type=Path, help="labels file for --lmms-eval runs (see analysis.benchmarks)"
+        "--labels", type=Path, help="labels file for --lmms_eval runs (see analysis.benchmarks)"
     )
-    parser.add_argument("--registry", type=Path, help="benchmark registry override for --lmms-eval runs")
+    parser.add_argument("--registry", type=Path, help="benchmark registry override for --lmms_eval runs")
     args = parser.parse_args(argv)
     if args.caveat and args.caveat_file:
-        parser.error("give --caveat or --caveat-file, not both")
+        parser.error("give --caveat or --caveat_file, not both")
     caveat = args.caveat_file.read_text(encoding="utf-8").strip() if args.caveat_file else args.caveat
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = build_report(

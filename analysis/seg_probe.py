@@ -370,7 +370,11 @@ def main(argv: list[str] | None = None) -> None:
         "--encoders", nargs="+", required=True, help="exported encoder dirs (or HF vision-model dirs)"
     )
     parser.add_argument(
-        "--run-names", nargs="*", default=None, help="row labels, one per encoder (default: dir names)"
+        "--run_names",
+        "--run-names",
+        nargs="*",
+        default=None,
+        help="row labels, one per encoder (default: dir names)",
     )
     parser.add_argument(
         "--data", required=True, help="ADE20K-layout root (images/ and annotations/{training,validation})"
@@ -378,33 +382,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="results JSON (kind seg_probe, docs/CONTRACTS.md §4)")
     parser.add_argument("--table", default=None, help="also write a Markdown table here")
     parser.add_argument(
-        "--png-dir", default=None, help="qualitative PNGs (image | truth | prediction) go here"
+        "--png_dir", "--png-dir", default=None, help="qualitative PNGs (image | truth | prediction) go here"
     )
-    parser.add_argument("--n-qualitative", type=int, default=8, help="validation images drawn per encoder")
+    parser.add_argument(
+        "--num_qualitative",
+        "--n_qualitative",
+        "--n-qualitative",
+        dest="n_qualitative",
+        type=int,
+        default=8,
+        help="validation images drawn per encoder",
+    )
     parser.add_argument(
         "--seeds", type=int, default=6, help="number of head seeds (0..N-1); mean ± std reported"
     )
     parser.add_argument(
-        "--feature-point", choices=["encoder", "projector"], default="encoder", help="which tokens to probe"
+        "--feature_point",
+        "--feature-point",
+        choices=["encoder", "projector"],
+        default="encoder",
+        help="which tokens to probe",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=151, help="classes incl. 0 = unlabeled (ADE20K: 151)"
+        "--num_classes",
+        "--num-classes",
+        type=int,
+        default=151,
+        help="classes incl. 0 = unlabeled (ADE20K: 151)",
     )
     parser.add_argument("--epochs", type=int, default=5, help="training epochs")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per head update")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=32, help="images per head update")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     parser.add_argument(
-        "--warmup-steps", type=int, default=500, help="linear warmup steps of the cosine (patch-seg: 500)"
+        "--weight_decay", "--weight-decay", type=float, default=0.01, help="AdamW weight decay"
     )
-    parser.add_argument("--feature-batch-size", type=int, default=64, help="images per encoder forward pass")
+    parser.add_argument(
+        "--warmup_steps",
+        "--warmup-steps",
+        type=int,
+        default=500,
+        help="linear warmup steps of the cosine (patch-seg: 500)",
+    )
+    parser.add_argument(
+        "--feature_batch_size",
+        "--feature-batch-size",
+        type=int,
+        default=64,
+        help="images per encoder forward pass",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:0, ...")
-    parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature/label cache root")
+    parser.add_argument(
+        "--cache_dir", "--cache-dir", default=str(DEFAULT_CACHE_DIR), help="feature/label cache root"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     names = args.run_names or [Path(e).name for e in args.encoders]
     if len(names) != len(args.encoders) or len(set(names)) != len(names):
-        raise SystemExit(f"run names {names} must be unique, one per encoder; pass --run-names")
+        raise SystemExit(f"run names {names} must be unique, one per encoder; pass --run_names")
     config = SegProbeConfig(
         num_classes=args.num_classes,
         lr=args.lr,

@@ -76,18 +76,18 @@ for LOSS in sft dpo; do
 done
 ENCODERS=("$DEMO_DIR/stage1_full" "$DEMO_DIR/stage2_sft" "$DEMO_DIR/stage2_dpo")
 NAMES=(stage1 sft dpo)
-stage linear_probe      "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
-                          --train-data "$WORLD/imagefolder" --train-split train --eval-data "$WORLD/imagefolder" \
-                          --eval-split val --feature-points encoder projector --methods logreg prototype \
-                          --seed "$SEED" --out "$RESULTS/linear_probe.json" --cache-dir "$DEMO_DIR/cache"
-stage seg_probe         "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
-                          --data "$WORLD/ade" --num-classes 7 --seeds "$SEG_SEEDS" --out "$RESULTS/seg_probe.json" \
-                          --png-dir "$RESULTS/seg_examples" --cache-dir "$DEMO_DIR/cache" \
-                          --warmup-steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
+stage linear_probe      "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
+                          --train_data "$WORLD/imagefolder" --train_split train --eval_data "$WORLD/imagefolder" \
+                          --eval_split val --feature_points encoder projector --methods logreg prototype \
+                          --seed "$SEED" --out "$RESULTS/linear_probe.json" --cache_dir "$DEMO_DIR/cache"
+stage seg_probe         "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
+                          --data "$WORLD/ade" --num_classes 7 --seeds "$SEG_SEEDS" --out "$RESULTS/seg_probe.json" \
+                          --png_dir "$RESULTS/seg_examples" --cache_dir "$DEMO_DIR/cache" \
+                          --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
 stage alignment         "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" \
                           --vision stage1="${ENCODERS[0]}" sft="${ENCODERS[1]}" dpo="${ENCODERS[2]}" \
                           --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
-                          --output_dir "$RESULTS/alignment"
+                          --out_dir "$RESULTS/alignment"
 # shellcheck disable=SC2086
 stage gradcam           "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
                           --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \

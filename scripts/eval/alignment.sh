@@ -47,4 +47,4 @@ pivot_baseline
 # shellcheck disable=SC2086  # word splitting of the space-separated lists is intended
 "$PYTHON" -m analysis.alignment --data "$DATA" --split "$SPLIT" --vision $VISION --language $LANGUAGE \
   --metrics $METRICS --k "$K" --num_samples "$NUM_SAMPLES" --seeds $SEEDS --pool "$POOL" --outlier_clamp "$OUTLIER_CLAMP" \
-  --batch_size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE" --output_dir "$OUTPUT_DIR" "$@"
+  --batch_size "$BATCH_SIZE" --device "$DEVICE" --dtype "$DTYPE" --out_dir "$OUTPUT_DIR" "$@"

@@ -54,4 +54,4 @@ echo "[cambrian16] ${EVAL[*]}"
 "${EVAL[@]}"
 
 # lmms-eval exits 0 even when evaluation failed: the aggregation below fails if no results file was written.
-"$PYTHON" -m analysis.benchmarks "$OUTPUT_DIR" --out-dir "$OUTPUT_DIR"
+"$PYTHON" -m analysis.benchmarks "$OUTPUT_DIR" --out_dir "$OUTPUT_DIR"

@@ -42,7 +42,7 @@ pivot_encoders "$@"
 shift "$encoder_argc"
 
 # shellcheck disable=SC2086  # word splitting of FEATURE_POINTS and METHODS is intended
-"$PYTHON" -m analysis.linear_probe --encoders "${paths[@]}" --run-names "${names[@]}" --feature-points $FEATURE_POINTS \
-  --train-data "$TRAIN_DATA" --eval-data "$EVAL_DATA" --data-format "$DATA_FORMAT" --train-subset "$TRAIN_SUBSET" \
-  --methods $METHODS --seed "$SEED" --batch-size "$BATCH_SIZE" --num-workers "$NUM_WORKERS" --device "$DEVICE" \
-  --cache-dir "$CACHE_DIR" --out "$OUTPUT_DIR/linear_probe.json" --table "$OUTPUT_DIR/linear_probe.md" "$@"
+"$PYTHON" -m analysis.linear_probe --encoders "${paths[@]}" --run_names "${names[@]}" --feature_points $FEATURE_POINTS \
+  --train_data "$TRAIN_DATA" --eval_data "$EVAL_DATA" --data_format "$DATA_FORMAT" --train_subset "$TRAIN_SUBSET" \
+  --methods $METHODS --seed "$SEED" --batch_size "$BATCH_SIZE" --num_workers "$NUM_WORKERS" --device "$DEVICE" \
+  --cache_dir "$CACHE_DIR" --out "$OUTPUT_DIR/linear_probe.json" --table "$OUTPUT_DIR/linear_probe.md" "$@"

@@ -42,8 +42,8 @@ fi
 mkdir -p "$OUTPUT_DIR"
 pivot_encoders "$@"
 shift "$encoder_argc"
-"$PYTHON" -m analysis.seg_probe --encoders "${paths[@]}" --run-names "${names[@]}" --data "$DATA" \
-  --seeds "$SEEDS" --feature-point "$FEATURE_POINT" --num-classes "$NUM_CLASSES" --epochs "$EPOCHS" \
-  --batch-size "$BATCH_SIZE" --feature-batch-size "$FEATURE_BATCH_SIZE" --n-qualitative "$N_QUALITATIVE" \
-  --device "$DEVICE" --cache-dir "$CACHE_DIR" --png-dir "$OUTPUT_DIR/png" \
+"$PYTHON" -m analysis.seg_probe --encoders "${paths[@]}" --run_names "${names[@]}" --data "$DATA" \
+  --seeds "$SEEDS" --feature_point "$FEATURE_POINT" --num_classes "$NUM_CLASSES" --epochs "$EPOCHS" \
+  --batch_size "$BATCH_SIZE" --feature_batch_size "$FEATURE_BATCH_SIZE" --num_qualitative "$N_QUALITATIVE" \
+  --device "$DEVICE" --cache_dir "$CACHE_DIR" --png_dir "$OUTPUT_DIR/png" \
   --out "$OUTPUT_DIR/seg_probe.json" --table "$OUTPUT_DIR/seg_probe.md" "$@"
