@@ -1,9 +1,10 @@
 """Entry point: `python -m llava.train.train [ModelArguments] [DataArguments] [PivotTrainingArguments]`.
 
-One command for every stage (flags in llava.train.args). Order of work: build or load the model, set
+One command for every stage (flags in llava.train.args). Order of work: the preflight (llava.train.preflight:
+names, checkpoints, data files, OUTPUT_DIR writable, locked and holding no other run), build or load the model, set
 the trainable parts, load and validate every record (an invalid record stops the run before
 training with file, id and reason, unless --skip_invalid), precompute reference log-probs if the loss
-needs them, then train with `PivotTrainer`, resuming automatically from the newest checkpoint in
+needs them, then train with `PivotTrainer`, resuming automatically from the newest complete checkpoint in
 OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to OUTPUT_DIR.
 
 The model is loaded in `train_args.weights_dtype` (fp32 unless --bf16 under DeepSpeed; llava.train.args).
@@ -289,9 +290,8 @@ def run(
     model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
 ) -> PivotTrainer:
     check_reference_mode(train_args)
-    with preflight(
-        model_args, data_args, train_args
-    ):  # checks, then OUTPUT_DIR locked (llava.train.preflight)
+    # Names, checkpoints, data files and OUTPUT_DIR checked, then OUTPUT_DIR locked (llava.train.preflight).
+    with preflight(model_args, data_args, train_args):
         return train_model(model_args, data_args, train_args)
 
 
