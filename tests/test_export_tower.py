@@ -297,9 +297,9 @@ def test_scripts_add_the_original_encoder_only_when_asked(tmp_path, script, modu
     if script == "alignment.sh":
         assert f"--vision sft=/r/sft/export dpo=/r/dpo/export original={baseline} --language" in analyses[0]
     else:
-        joined = f"--encoders /r/sft/export /r/dpo/export {baseline} --run-names sft dpo original "
+        joined = f"--encoders /r/sft/export /r/dpo/export {baseline} --run_names sft dpo original "
         assert analyses[0] == _lines(default.stdout, module)[0].replace(
-            "--encoders /r/sft/export /r/dpo/export --run-names sft dpo ", joined
+            "--encoders /r/sft/export /r/dpo/export --run_names sft dpo ", joined
         )
 
 
@@ -336,5 +336,5 @@ def test_linear_probe_script_exports_a_real_baseline(tiny_dir, tmp_path):
     )
     analyses = _lines(done.stdout, "analysis.linear_probe")
     assert (
-        len(analyses) == 1 and f"--encoders /r/sft/export {baseline} --run-names sft original " in analyses[0]
+        len(analyses) == 1 and f"--encoders /r/sft/export {baseline} --run_names sft original " in analyses[0]
     )
