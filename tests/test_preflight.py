@@ -228,3 +228,12 @@ def test_a_changed_data_file_is_a_different_run(train_data, tmp_path):
     data.write_text(json.dumps(records[::-1]))
     with pytest.raises(ValueError, match=f"data.files: .*{data.name}"):
         run_main(train_argv(train_data, out, "sft", max_steps=1, data_path=data))
+
+
+def test_a_run_that_fails_before_saving_removes_the_directories_it_made(train_data, tmp_path):
+    data = tmp_path / "three.json"
+    data.write_text(json.dumps(train_data.records("sft")[:3]))
+    out = tmp_path / "runs" / "stage2" / "out"
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        run_main(train_argv(train_data, out, "sft", data_path=data, gradient_accumulation_steps=2))
+    assert not (tmp_path / "runs").exists(), "no lock, identity or empty directory left behind"

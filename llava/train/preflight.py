@@ -131,6 +131,9 @@ def _source(value: str | None) -> str | None:
 def run_identity(model_args, data_args, train_args) -> dict:
     """The settings that define a run (llava.train.run_dir), JSON-normalised for comparison."""
     model = asdict(model_args)
+    del model[
+        "attn_implementation"
+    ]  # a kernel choice (flash-attn installed or not), not a setting of the run
     for key in ("model_name_or_path", "llm", "stage3_source", "pretrain_mm_mlp_adapter"):
         model[key] = _source(model[key])
     if model_args.vision_tower:
@@ -180,15 +183,14 @@ def preflight(model_args, data_args, train_args) -> Iterator[None]:
     if train_args.process_index != 0:
         yield
         return
-    output_dir = Path(train_args.output_dir)
-    created = not output_dir.exists()
+    output_dir = Path(train_args.output_dir).absolute()
+    created = [p for p in (output_dir, *output_dir.parents) if not p.exists()]  # innermost first
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir.RunLock(output_dir)
     try:
         lock.acquire()
     except BaseException:
-        if created:
-            output_dir.rmdir()
+        remove_empty(created)
         raise
     try:
         if train_args.overwrite_output_dir:
@@ -204,5 +206,12 @@ def preflight(model_args, data_args, train_args) -> Iterator[None]:
             raise
     finally:
         lock.release()
-        if created and not any(output_dir.iterdir()):
-            output_dir.rmdir()
+        remove_empty(created)
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the directories this run created (innermost first) while they are empty."""
+    for directory in created:
+        if any(directory.iterdir()):
+            return
+        directory.rmdir()
