@@ -48,6 +48,7 @@ from llava.data.templates import IMAGE_PLACEHOLDER, get_template
 from llava.data.tokenization import IGNORE_INDEX, image_token_id, tokenize_prompt
 from llava.model.builder import load_model
 from llava.model.image_tokens import image_token_counter
+from llava.model.model_dirs import require_llava_checkpoint
 from llava.train.logps import embed_with_images, encode_images
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class PivotLlava(lmms):
         if dtype == "auto":
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         self.pretrained = pretrained
+        require_llava_checkpoint(pretrained, "--model_args pretrained")
         self._model, self._tokenizer, self.image_processor = load_model(
             pretrained, dtype=dtype, attn_implementation=attn_implementation
         )
