@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_trainer, run_main, train_argv
 
 from llava.train.param_groups import build_param_groups
+from llava.train.run_dir import IDENTITY_FILE
 from llava.train.sampling import SAMPLE_ORDER_FILE, read_sample_order
 
 train_data = train_fixtures.train_data  # the session fixture, shared through a module cache
@@ -158,6 +159,7 @@ def test_two_process_resume_inside_epoch_two_keeps_the_epoch_order(train_data, t
 
     # The run as it was when checkpoint-3 was written (steps 1-3 marked, stale step 4 to be re-logged).
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copy(full / IDENTITY_FILE, resumed / IDENTITY_FILE)  # the run's settings (llava.train.run_dir)
     rows = [{**row, "marker": True} for row in expected[:3]] + [{**expected[3], "ids": ["stale"]}]
     (resumed / SAMPLE_ORDER_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
     torchrun(argv(resumed), nproc=2)  # same OUTPUT_DIR: auto-resumes from checkpoint-3
@@ -399,7 +401,7 @@ def test_live_reference_is_refused_under_zero3_before_building_anything(tmp_path
     with pytest.raises(ValueError, match="reference precomputed"):
         run(model_args, DataArguments(data_path="/nonexistent.json"), args)
     args.deepspeed = str(ZERO2)  # ZeRO-2 does not partition parameters: the check lets it through
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="--llm '/nonexistent/llm': no such file or directory"):  # preflight
         run(model_args, DataArguments(data_path="/nonexistent.json"), args)
 
 

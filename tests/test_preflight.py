@@ -237,3 +237,16 @@ def test_a_run_that_fails_before_saving_removes_the_directories_it_made(train_da
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         run_main(train_argv(train_data, out, "sft", data_path=data, gradient_accumulation_steps=2))
     assert not (tmp_path / "runs").exists(), "no lock, identity or empty directory left behind"
+
+
+def test_a_trained_dir_without_identity_resumes_only_a_named_checkpoint(train_data, tmp_path):
+    out = tmp_path / "out"
+    flags = {"save_strategy": "steps", "save_steps": 2}
+    run_main(train_argv(train_data, out, "sft", max_steps=2, **flags))
+    (out / IDENTITY_FILE).unlink()  # a run made before identities were recorded
+    with pytest.raises(ValueError, match="without run_identity.json.*--resume_from_checkpoint"):
+        run_main(train_argv(train_data, out, "sft", max_steps=3, **flags))
+    resumed = run_main(
+        train_argv(train_data, out, "sft", max_steps=3, resume_from_checkpoint=out / "checkpoint-2", **flags)
+    )
+    assert resumed.state.global_step == 3 and (out / IDENTITY_FILE).is_file()

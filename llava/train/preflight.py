@@ -172,7 +172,12 @@ def check(model_args, data_args, train_args) -> dict:
         raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such directory.")
     identity = run_identity(model_args, data_args, train_args)
     check_output_dir(train_args)
-    run_dir.check_identity(Path(train_args.output_dir), identity, train_args.overwrite_output_dir)
+    run_dir.check_identity(
+        Path(train_args.output_dir),
+        identity,
+        train_args.overwrite_output_dir,
+        train_args.resume_from_checkpoint,
+    )
     return identity
 
 

@@ -167,19 +167,30 @@ def identity_differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def check_identity(output_dir: Path, identity: dict, overwrite: bool) -> None:
-    """Refuse to resume a directory whose trained state was made with other settings (module docstring)."""
+def check_identity(output_dir: Path, identity: dict, overwrite: bool, resume: str | None = None) -> None:
+    """Refuse to resume a directory whose trained state was made with other settings (module docstring).
+
+    A trained directory without an identity (made before identities were recorded) is resumed only when
+    the checkpoint is named (`resume`, --resume_from_checkpoint): the user vouches for it."""
     if overwrite or not output_dir.is_dir():
         return
     trained = trained_state(output_dir)
     if not trained:
         return
     saved = read_identity(output_dir)
+    if saved is None and resume:
+        logger.warning(
+            "%s has no %s: resuming %s as asked, recording this run's settings",
+            output_dir,
+            IDENTITY_FILE,
+            resume,
+        )
+        return
     if saved is None:
         raise ValueError(
             f"--output_dir {output_dir} holds a trained run ({', '.join(trained[:4])}) without {IDENTITY_FILE}, "
-            "so it cannot be checked to be this run. Use another --output_dir, or --overwrite_output_dir to "
-            "start afresh there."
+            "so it cannot be checked to be this run. Resume it by naming the checkpoint "
+            "(--resume_from_checkpoint), use another --output_dir, or --overwrite_output_dir to start afresh there."
         )
     differences = identity_differences(saved, identity)
     if differences:
