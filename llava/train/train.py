@@ -312,7 +312,8 @@ def run(
     counts = set_trainable_parts(model, parts)
     if is_stage3(model.config):
         counts = freeze_stage3(model, parts)
-    logger.info("trainable parameters per part: %s", counts)
+    if lora_args is None or not lora_args.lora_enable:  # LoRA runs log their real set (llava.train.lora)
+        logger.info("trainable parameters per part: %s", counts)
     model.config.pivot_loss_type = train_args.loss_type
     dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
     collator = DataCollator(tokenizer.pad_token_id)
