@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from llava.train.logps import pair_logps
 from llava.train.lora import LLM_TARGETS, LoraArguments, adapters_disabled, apply_lora
 from llava.train.trainer import PivotTrainer
 
+ROOT = Path(__file__).resolve().parents[1]
 FAST = {"export_encoder": False, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 TOWER_LINEARS = (
     "self_attn.q_proj",
@@ -289,6 +291,36 @@ def test_bad_lora_flags_are_refused(train_data, flags, parts, message):  # noqa:
         lora = LoraArguments(**flags)
         model, _, _, _ = build_components(train_data, "sft", parts)
         apply_lora(model, tuple(parts.split(",")), lora)
+
+
+LORA_VARIABLES = ("LORA", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_VISION")
+SHOW_FLAGS = 'source scripts/train/common.sh && pivot_lora_flags && printf "%s\\n" "${LORA_FLAGS[@]}"'
+
+
+def lora_flags(**env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LORA")}
+    return subprocess.run(
+        ["bash", "-c", SHOW_FLAGS],
+        cwd=ROOT,
+        env={**clean, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_every_training_script_passes_its_lora_variables():
+    for script in sorted((ROOT / "scripts" / "train").glob("*.sh")):
+        if script.name != "common.sh":
+            text = script.read_text()
+            assert all(f"{v}=${{{v}:-" in text for v in LORA_VARIABLES), f"{script.name} lacks the LoRA block"
+    assert lora_flags(LORA="0").stdout.strip() == ""
+    done = lora_flags(LORA="1", LORA_R="8", LORA_ALPHA="32", LORA_DROPOUT="0.1", LORA_VISION="1")
+    assert done.returncode == 0, done.stderr
+    (parsed,) = transformers.HfArgumentParser(LoraArguments).parse_args_into_dataclasses(done.stdout.split())
+    assert (parsed.lora_enable, parsed.lora_r, parsed.lora_alpha, parsed.lora_vision) == (True, 8, 32, True)
+    assert parsed.lora_dropout == pytest.approx(0.1)
+    refused = lora_flags(LORA="yes")
+    assert refused.returncode != 0 and "LORA=yes" in refused.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; CUDA machines run QLoRA below")
