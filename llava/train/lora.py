@@ -32,6 +32,7 @@ weights; the tower and projector are not quantized. It needs CUDA and is refused
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -108,6 +109,8 @@ class LoraArguments:
                     f"--bits {self.bits} (QLoRA) quantizes the LLM with bitsandbytes, which needs a CUDA GPU; "
                     "none is available here. Drop --bits to train LoRA adapters on full-precision weights."
                 )
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError(f"--bits {self.bits} (QLoRA) needs bitsandbytes: pip install bitsandbytes.")
 
     @property
     def target_modules(self) -> tuple[str, ...]:
