@@ -345,3 +345,42 @@ def test_qlora_trains_adapters_on_a_quantized_llm(train_data, tmp_path, bits):  
     assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-3)
     merged, _, _ = load_model(tmp_path / "out")  # merged into the full-precision base
     assert not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in merged.modules())
+
+
+def test_stage3_with_lora_keeps_the_encoder_and_reused_layers_frozen(train_data, tmp_path):  # noqa: F811
+    from llava.model.builder import ModelConfig, build_model, save_model
+    from llava.tiny import write_llm
+
+    transformers.set_seed(0)
+    stage2 = build_model(ModelConfig(llm=str(train_data.llm), vision_tower=str(train_data.vision_tower)))
+    save_model(*stage2, tmp_path / "stage2")
+    llm48 = write_llm(tmp_path / "llm48", seed=1, hidden=48)
+    argv = train_argv(
+        train_data,
+        tmp_path / "out",
+        "sft",
+        llm=llm48,
+        stage3_source=tmp_path / "stage2",
+        lora_enable=True,
+        mm_tunable_parts="mm_mlp_adapter,mm_language_model",
+        **{**FAST, "export_encoder": True},
+    )
+    trainer = run_main([a for a in argv if not a.startswith("--vision_tower=")])
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    copy_prefix = "base_model.model.model.multi_modal_projector.modules_to_save.default."
+    llm_modules = tuple(f"{'self_attn' if m[0] in 'qkvo' else 'mlp'}.{m}" for m in LLM_TARGETS)
+    assert trainable == lora_names("model.language_model", 2, llm_modules) | {
+        f"{copy_prefix}linear_2.weight",
+        f"{copy_prefix}linear_2.bias",
+    }  # reuse 1 + 1: the Stage-2 linear_1 stays frozen, the encoder too
+    stage2_projector = stage2[0].model.multi_modal_projector.state_dict()
+    merged, _, _ = load_model(tmp_path / "out")
+    assert torch.equal(
+        merged.model.multi_modal_projector.linear_1.weight, stage2_projector["linear_1.weight"]
+    )
+    for name, value in stage2[0].model.vision_tower.state_dict().items():
+        assert torch.equal(merged.model.vision_tower.state_dict()[name], value), name
+    pixels = torch.randn(2, 3, 32, 32)
+    adapted = mllm_tokens(base_llava(trainer.model.eval()), pixels)
+    assert torch.allclose(exported_tokens(tmp_path / "out", pixels), adapted, atol=1e-6, rtol=0)
+    assert torch.allclose(mllm_tokens(merged.eval(), pixels), adapted, atol=1e-6, rtol=0)
