@@ -284,6 +284,7 @@ def test_resume_with_lora_equals_an_uninterrupted_run(train_data, tmp_path):  # 
         ({"lora_enable": True, "lora_vision": True}, "mm_mlp_adapter,mm_language_model", "freezes it"),
         ({"lora_enable": True}, "mm_mlp_adapter", "adapts nothing"),
         ({"lora_enable": True, "lora_r": 0}, None, "r >= 1"),
+        ({"lora_enable": True, "lora_target_modules": "query"}, "mm_language_model", "names no linear layer"),
     ],
 )
 def test_bad_lora_flags_are_refused(train_data, flags, parts, message):  # noqa: F811

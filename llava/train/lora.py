@@ -161,11 +161,24 @@ def apply_lora(model: PreTrainedModel, parts: tuple[str, ...], args: LoraArgumen
     check_parts(parts, args)
     trainable_before = {name for name, param in model.named_parameters() if param.requires_grad}
     full = tuple(p for p in parts if p not in adapted_parts(parts, args))
+    targets = lora_targets(model, parts, args)
+    if "mm_language_model" in parts and not any(".language_model." in f".{t}" for t in targets):
+        names = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if ".language_model." in f".{n}." and isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise ValueError(
+            f"--lora_target_modules {args.lora_target_modules!r} names no linear layer of the LLM; its linear "
+            f"layers are named {names}."
+        )
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=lora_targets(model, parts, args),
+        target_modules=targets,
         modules_to_save=[FULLY_TRAINED_MODULES[p] for p in full if p in FULLY_TRAINED_MODULES] or None,
         bias="none",
     )
