@@ -105,7 +105,14 @@ def test_trainable_set_is_what_the_flags_ask_and_the_rest_stays_bit_identical(
     out = tmp_path / "out"
     trainer = run_main(
         train_argv(
-            train_data, out, "sft", lora_enable=True, mm_tunable_parts=parts, lora_vision=lora_vision, **FAST
+            train_data,
+            out,
+            "sft",
+            lora_enable=True,
+            mm_tunable_parts=parts,
+            lora_vision=lora_vision,
+            mm_vision_tower_lr=5e-4,
+            **FAST,
         )
     )
     base, _, _ = load_model(out / "lora_base")  # written before training: the initial model
@@ -120,8 +127,10 @@ def test_trainable_set_is_what_the_flags_ask_and_the_rest_stays_bit_identical(
                 assert not torch.equal(param.detach(), start), f"{name} never trained"
         else:
             assert torch.equal(param.detach(), initial[plain_of(name)]), f"frozen {name} changed"
-    groups = {spec.part for spec in trainer.param_group_specs}
-    assert groups == set(parts.split(","))
+    specs = trainer.param_group_specs
+    assert {spec.part for spec in specs} == set(parts.split(","))
+    if "mm_vision_tower" in parts:  # the tower's own LR, for its adapters too
+        assert {spec.lr for spec in specs if spec.part == "mm_vision_tower"} == {5e-4}
 
 
 def _lora_dpo_trainer(data, output_dir, parts: str, steps: int = 2):
