@@ -59,6 +59,8 @@ BITS = (4, 8)
 
 @dataclass
 class LoraArguments:
+    """LoRA flags of `python -m llava.train.train` (LLaVA-NeXT names; defaults r 64, alpha 16, dropout 0.05)."""
+
     lora_enable: bool = field(
         default=False, metadata={"help": "Train LoRA adapters instead of full weights (llava.train.lora)."}
     )
