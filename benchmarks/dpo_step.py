@@ -1,4 +1,4 @@
-"""DPO training-step time and peak memory of three trainers on one vision-heavy tiny MLLM, in one run.
+"""DPO training-step time and peak memory of five trainer setups on one vision-heavy tiny MLLM, in one run.
 
 Issue 3's benchmark. The same checkpoint, the same preference pairs, batch size, optimizer (AdamW,
 constant LR, no weight decay, grad-norm clip 1.0), β = 0.1, fp32, for:
@@ -11,6 +11,10 @@ constant LR, no weight decay, grad-norm clip 1.0), β = 0.1, fp32, for:
       `precompute_ref_log_probs` for vision datasets, so it keeps a live reference model (loaded
       from the checkpoint directory, as TRL does by default) and its collator repeats every image
       for the chosen and the rejected sequence: 2 policy + 2 reference encodings.
+  (d) (a) trained through LoRA (llava.train.lora, issue 18): rank-16 adapters on the LLM's attention and
+      MLP projections and on the tower's linear layers (`--lora_vision`), the projector trained fully;
+      the same trainable parts as (a), so (d)/(a) is LoRA against full training on the same model;
+  (e) (d) with `reference=live`: the reference is the base model with the adapters disabled (no copy).
 
 The model: a SigLIP tower (more layers and width than the LLM, small patches: many image tokens) →
 `mlp2x_gelu` → a tiny Qwen2, built with `llava.model.builder` and saved as a plain HF checkpoint.
@@ -54,7 +58,11 @@ CONFIGS: dict[str, str] = {
     "a": "PivotTrainer: shared image encoding + precomputed reference",
     "b": "PivotTrainer: image encoded per side + live reference model",
     "c": "TRL DPOTrainer (live reference model)",
+    "d": "(a) with LoRA (r 16) on LLM + tower, projector full",
+    "e": "(d) with the live reference: adapters disabled, no copy",
 }
+LORA_CONFIGS = ("d", "e")
+LORA_RANK = 16
 BASELINE = "baseline"
 TEMPLATE = "qwen_1_5"
 
@@ -276,14 +284,26 @@ def _train_pivot(
     from llava.train.reference import compute_reference_logps
     from llava.train.trainer import PivotTrainer
 
-    shared = name == "a"
+    extra: dict[str, Any] = {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)
+    }
+    shared = name != "b"
+    precomputed = name in ("a", "d")
+    if name in LORA_CONFIGS:
+        from llava.model.parts import TUNABLE_PARTS
+        from llava.train.lora import LoraArguments, apply_lora
+
+        lora = LoraArguments(
+            lora_enable=True, lora_r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, lora_vision=True
+        )
+        model = apply_lora(model, TUNABLE_PARTS, lora)
+        extra["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     dataset = MultimodalDataset(
         records, tokenizer, image_processor, TEMPLATE, image_token_counter(model.config), 2048
     )
     collator = DataCollator(tokenizer.pad_token_id)
-    extra: dict[str, Any] = {}
     ref_logps = None
-    if shared:
+    if precomputed:
         start = timer.now()
         ref_logps = compute_reference_logps(model, dataset, collator, s.batch_size, device, True)
         extra["precompute_s"] = timer.now() - start
@@ -291,7 +311,7 @@ def _train_pivot(
     args = PivotTrainingArguments(
         **_common_args(s, device, out),
         loss_type="dpo",
-        reference="precomputed" if shared else "live",
+        reference="precomputed" if precomputed else "live",
         share_image_encoding=shared,
     )
     trainer = PivotTrainer(
@@ -524,6 +544,15 @@ def summarise(results: dict[str, dict[str, Any]], settings: BenchSettings, sizes
                 f"({name}) / (a): {wall:.2f}x the step time ({cpu:.2f}x in CPU time), {mem:.2f}x the peak memory "
                 f"-> (a) {verdict} the target (>= 1.5x faster and lower peak memory)"
             )
+    for name in LORA_CONFIGS:
+        r = results.get(name, {})
+        if a_ok and "step_s" in r:
+            lines.append(
+                f"({name}) / (a), LoRA against full training: {_median(r, 'step_s') / _median(a, 'step_s'):.2f}x "
+                f"the step time ({_median(r, 'cpu_s') / _median(a, 'cpu_s'):.2f}x in CPU time), "
+                f"{_mb_peak(r, baseline) / _mb_peak(a, baseline):.2f}x the peak memory, "
+                f"{r['trainable_params'] / a['trainable_params']:.3f}x the trainable parameters"
+            )
     for name, r in results.items():
         if "error" in r:
             lines.append(f"({name}) could not run: {r['error']}")
@@ -564,9 +593,11 @@ def _parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=2,
-        help="run the configurations this many times in turn (a, b, c, a, b, c, ...) and pool their steps",
+        help="run the configurations this many times in turn (a, b, c, ..., a, b, c, ...) and pool their steps",
     )
-    parser.add_argument("--configs", default="a,b,c", help="comma-separated subset of a,b,c to run")
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} to run"
+    )
     parser.add_argument("--workdir", default=None, help="where to write model and data (default: a temp dir)")
     parser.add_argument("--json_out", default=None, help="also write every raw measurement to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -183,6 +183,9 @@ class RunSpec:
     device: str = "auto"
     optim: str | None = None  # None: the Trainer's default (adamw_torch_fused), as the training scripts use
     seed: int = 0
+    lora: bool = (
+        False  # LoRA (llava.train.lora, r 64, on LLM and tower; projector full) instead of full weights
+    )
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -254,6 +257,7 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from llava.data.collator import DataCollator
+    from llava.model.adapters import base_llava
     from llava.model.paper_configs import build_model_from_configs, describe
     from llava.train.args import PivotTrainingArguments
     from llava.train.param_groups import TUNABLE_PARTS, set_trainable_parts
@@ -302,6 +306,10 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
         with torch.device(device):  # initialise the random weights where they will train
             model, tokenizer, _ = build_model_from_configs(spec.llm, spec.vision, dtype=args.weights_dtype)
         set_trainable_parts(model, TUNABLE_PARTS)
+        if spec.lora:
+            from llava.train.lora import LoraArguments, apply_lora
+
+            model = apply_lora(model, TUNABLE_PARTS, LoraArguments(lora_enable=True, lora_vision=True))
         shape = SampleShape(int(model.config.image_seq_length), spec.prompt_tokens, spec.response_tokens)
         items = synthetic_items(
             spec, model.config, len(tokenizer), spec.batch_size * (spec.warmup + spec.steps)
@@ -334,13 +342,15 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)"
     peak = peak_flops(device_name, peak_tflops) if cuda else None
     achieved = flops["total"] * spec.batch_size / step_s
+    if spec.lora:  # the FLOP count is full training's (weight gradients of every layer): no MFU for LoRA
+        peak = None
     return {
         **{k: v for k, v in asdict(spec).items() if k not in ("llm", "vision")},
         "model": spec.label,
         "device_name": device_name,
         "dtype": f"{args.weights_dtype} weights"
         + (f", {str(args.autocast_dtype).removeprefix('torch.')} autocast" if args.autocast_dtype else ""),
-        "sizes": describe(model),
+        "sizes": describe(base_llava(model)),
         "seq_len": shape.seq_len,
         "image_tokens": shape.image_tokens,
         "train_loss": train_loss,
@@ -348,7 +358,7 @@ def measure(spec: RunSpec, peak_tflops: float | None = None) -> dict[str, Any]:
         "samples_per_s": spec.batch_size / step_s,
         "tokens_per_s": spec.batch_size * sequences * shape.seq_len / step_s,
         "flops_per_sample": flops,
-        "achieved_tflops": achieved / 1e12,
+        "achieved_tflops": None if spec.lora else achieved / 1e12,
         "mfu": achieved / peak if peak else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30
         if cuda
@@ -393,17 +403,21 @@ def _child(spec: RunSpec, peak_tflops: float | None, workdir: Path, index: int) 
 def summarise(results: list[dict[str, Any]]) -> str:
     """The Markdown table (model | loss | samples/s | tokens/s | MFU | peak memory) and the reference point."""
     lines = [
-        "| model | loss | batch | step time (s) | samples/s | tokens/s | TFLOP/s | MFU | peak memory (GB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | loss | training | batch | step time (s) | samples/s | tokens/s | TFLOP/s | MFU | peak memory (GB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['loss_type']} | {r['batch_size']} | {r['error']} | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['loss_type']} | {_training(r)} | {r['batch_size']} | {r['error']} | | | | | |"
+            )
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        tflops = "n/a" if r["achieved_tflops"] is None else f"{r['achieved_tflops']:.2f}"
         lines.append(
-            f"| {r['model']} | {r['loss_type']} | {r['batch_size']} | {statistics.median(r['step_s']):.3f} "
-            f"| {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['achieved_tflops']:.2f} | {mfu} "
+            f"| {r['model']} | {r['loss_type']} | {_training(r)} | {r['batch_size']} "
+            f"| {statistics.median(r['step_s']):.3f} "
+            f"| {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {tflops} | {mfu} "
             f"| {r['peak_memory_gb']:.1f} |"
         )
     done = [r for r in results if "error" not in r]
@@ -421,6 +435,10 @@ def summarise(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _training(result: dict[str, Any]) -> str:
+    return "LoRA r64" if result.get("lora") else "full"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -430,6 +448,12 @@ def _parser() -> argparse.ArgumentParser:
         "qwen2.5-1.5b:siglip2-so16 (default: the smallest on CPU, every paper pair on GPU)",
     )
     parser.add_argument("--losses", default="sft,dpo", help="comma-separated subset of sft,dpo")
+    parser.add_argument(
+        "--training",
+        default=None,
+        help="comma-separated subset of full,lora (default: full on CPU; full,lora on GPU: the LoRA rows "
+        "train r-64 adapters on LLM and tower with the projector full, llava.train.lora)",
+    )
     parser.add_argument(
         "--reference",
         default="precomputed",
@@ -491,6 +515,9 @@ def plan(args: argparse.Namespace, cuda: bool) -> list[RunSpec]:
         {"batch_size": 4, "warmup": 2, "steps": 5} if cuda else {"batch_size": 1, "warmup": 1, "steps": 2}
     )
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    modes = [m.strip() for m in (args.training or ("full,lora" if cuda else "full")).split(",") if m.strip()]
+    if not modes or set(modes) - {"full", "lora"}:
+        raise SystemExit(f"--training {args.training!r}: choose from full, lora")
     return [
         RunSpec(
             llm,
@@ -501,10 +528,12 @@ def plan(args: argparse.Namespace, cuda: bool) -> list[RunSpec]:
             response_tokens=args.response_tokens,
             device=args.device,
             optim=args.optim,
+            lora=mode == "lora",
             **chosen,
         )
         for llm, vision in pairs
         for loss in losses
+        for mode in modes
     ]
 
 

@@ -37,6 +37,8 @@ Three entry points share one writer (llava.export_io):
      `multi_modal_projector.*`) form the projector. A tower not yet truncated
      (`vision_feature_layer != -1`, e.g. stock llava-hf checkpoints) is truncated to that layer.
   2. original LLaVA-NeXT / PIVOT (`model_type` `llava_qwen`, `llava_llama`, ...): llava.export_llava_next.
+  3. LoRA checkpoints (adapter_config.json, llava.train.lora): the base is loaded, the adapters merged,
+     and the merged MLLM exported, so `vision_encoder/` and `projector/` are plain models.
 - `export_vision_tower(vision_tower, out_dir, ...)`: the untrained ("original") encoder baseline. The
   tower (a preset name of llava.model.presets, hub id, local directory or "A+B" ensemble) is built by
   the MLLM builder's own vision path (llava.model.builder.build_vision: truncation at
@@ -62,23 +64,19 @@ from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from llava.export_io import (
-    FORMAT_VERSION,
     LAYER_KEY,
-    MULTI_TOWER_TYPE,
     VISUAL_FEATURES,
     apply_projector,
     drop_layers_from,
     encoder_metadata,
     fold_projector,
-    load_projector,
     load_tower_from_tensors,
     processor_for_checkpoint,
-    read_export,
-    read_tensors,
     write_export,
     write_projector,
 )
 from llava.export_llava_next import export_llava_next
+from llava.model.adapters import base_llava, is_lora_checkpoint, merged_state_dict, plain_module
 from llava.model.builder import (
     ASPECT_RATIOS,
     DTYPES,
@@ -87,6 +85,16 @@ from llava.model.builder import (
     anyres_grid_pinpoints,
     anyres_image_processor,
     build_vision,
+    load_model,
+)
+from llava.model.checkpoint_io import (
+    FORMAT_VERSION,
+    MULTI_TOWER_TYPE,
+    PROJECTOR_PREFIXES,
+    TOWER_PREFIXES,
+    load_projector,
+    read_export,
+    read_tensors,
 )
 from llava.model.encoders import truncated_vision_config
 
@@ -96,6 +104,7 @@ __all__ = [
     "LAYER_KEY",
     "MULTI_TOWER_TYPE",
     "PROJECTOR_PREFIXES",
+    "SOURCE_EXPORT_DIR",
     "TOWER_PREFIXES",
     "VISUAL_FEATURES",
     "apply_projector",
@@ -111,14 +120,14 @@ __all__ = [
     "main",
     "read_export",
     "read_tensors",
+    "resolve_source",
     "write_projector",
 ]
 
 logger = logging.getLogger(__name__)
 
 HF_LLAVA_TYPES = ("llava", "llava_onevision")
-TOWER_PREFIXES = ("model.vision_tower.", "vision_tower.")
-PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+SOURCE_EXPORT_DIR = "stage3_source_export"
 NO_LLM = "(none: tower-only export)"  # ModelConfig.llm placeholder; build_vision never reads it
 
 
@@ -136,11 +145,12 @@ def gathered_parameters(module: torch.nn.Module) -> Iterator[None]:
 
 
 def cpu_state_dict(module: torch.nn.Module, is_main_process: bool = True) -> dict[str, torch.Tensor] | None:
-    """A CPU copy of the module's full state dict on the main process (None elsewhere)."""
+    """A CPU copy of the module's full state dict on the main process (None elsewhere); LoRA adapters in it
+    are merged, under the plain module's names (llava.model.adapters `merged_state_dict`)."""
     with gathered_parameters(module):
         if not is_main_process:
             return None
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in merged_state_dict(module).items()}
 
 
 # ---- MLLMs in memory ---------------------------------------------------------------------------
@@ -154,15 +164,18 @@ def export_model(
     loss_type: str = "unknown",
     is_main_process: bool = True,
 ) -> Path:
-    """Export an in-memory MLLM; every process must call it under ZeRO-3, only the main one writes."""
+    """Export an in-memory MLLM; every process must call it under ZeRO-3, only the main one writes.
+
+    A model with LoRA adapters (llava.train.lora) is exported merged, and is left as it is."""
+    model = base_llava(model)
     config = model.config
     if config.vision_feature_layer != -1:
         raise ValueError(
             f"vision_feature_layer={config.vision_feature_layer}: export_model expects the tower truncated to the "
             "layer it feeds (pivot models); use export_checkpoint for other checkpoints."
         )
-    tower = model.model.vision_tower
-    tower_state = cpu_state_dict(tower, is_main_process)
+    tower = plain_module(model.model.vision_tower)
+    tower_state = cpu_state_dict(model.model.vision_tower, is_main_process)
     projector_state = cpu_state_dict(model.model.multi_modal_projector, is_main_process)
     if not is_main_process:
         return Path(out_dir)
@@ -260,6 +273,16 @@ def export_checkpoint(
     step = _global_step(checkpoint) if global_step is None else global_step
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if is_lora_checkpoint(checkpoint):  # adapters merged into their base, then exported as an in-memory MLLM
+        model, _, image_processor = load_model(checkpoint)
+        return export_model(
+            model,
+            image_processor,
+            out,
+            source_checkpoint=checkpoint,
+            global_step=step,
+            loss_type=loss_type or raw.get("pivot_loss_type", "unknown"),
+        )
     if raw.get("model_type") in HF_LLAVA_TYPES:
         return _export_hf(checkpoint, raw, out, loss_type, step)
     if "mm_vision_tower" in raw or "mm_projector_type" in raw:
@@ -267,6 +290,22 @@ def export_checkpoint(
     raise ValueError(
         f"{config_file}: model_type {raw.get('model_type')!r} is neither an HF Llava checkpoint "
         f"{HF_LLAVA_TYPES} nor an original LLaVA-NeXT checkpoint (mm_vision_tower / mm_projector_type keys)."
+    )
+
+
+# ---- Stage-3 sources -----------------------------------------------------------------------------
+def resolve_source(source: str | Path, work_dir: str | Path) -> Path:
+    """The export directory of a Stage-3 source (llava.model.stage3): itself if it is an export, else an
+    export of the checkpoint written to `work_dir/stage3_source_export`."""
+    path = Path(source)
+    if (path / "export.json").exists():
+        return path
+    if (path / "config.json").exists():
+        target = Path(work_dir) / SOURCE_EXPORT_DIR
+        logger.info("exporting the encoder of %s to %s", path, target)
+        return export_checkpoint(path, target)
+    raise FileNotFoundError(
+        f"Stage-3 source {source}: neither an exported encoder (export.json) nor a checkpoint (config.json)."
     )
 
 

@@ -1,4 +1,4 @@
-"""The exported-encoder format (docs/CONTRACTS.md §1): writing it, reading it, and reading checkpoint tensors.
+"""The exported-encoder format (docs/CONTRACTS.md §1): writing it (its readers: llava.model.checkpoint_io).
 
 Shared by every exporter (llava.export: in-memory MLLMs, HF Llava checkpoints, untrained towers;
 llava.export_llava_next: original LLaVA-NeXT/PIVOT checkpoints):
@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig, PreTrainedModel
 
 import llava.model  # noqa: F401  (registers pivot_multi_tower with the Auto classes)
-from llava.file_checks import check_safetensors
+from llava.model.checkpoint_io import FORMAT_VERSION, MULTI_TOWER_TYPE
 from llava.model.encoders import (
     ENCODER_FAMILIES,
     EncoderFamily,
@@ -39,9 +38,7 @@ from llava.model.encoders import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 VISUAL_FEATURES = "hidden_states[feature_layer][:, num_prefix_tokens:] of vision_encoder; projector(...) = LLM visual tokens"
-MULTI_TOWER_TYPE = "pivot_multi_tower"
 LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layers?\.(\d+)\.")
 
 
@@ -85,14 +82,6 @@ def write_projector(state: dict[str, torch.Tensor], out_dir: str | Path, act: st
     save_file({k: v.contiguous() for k, v in folded.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
-
-
-def load_projector(projector_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of an exported `projector/` directory."""
-    from safetensors.torch import load_file
-
-    path = Path(projector_dir)
-    return json.loads((path / "config.json").read_text()), load_file(str(path / "model.safetensors"))
 
 
 def apply_projector(state: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
@@ -230,40 +219,7 @@ def write_export(
     return out_dir
 
 
-def read_export(export_dir: str | Path) -> dict:
-    """`export.json` of an export directory, checked for the contract's format version."""
-    path = Path(export_dir) / "export.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{export_dir}: no export.json (not an exported encoder; see llava.export).")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}.")
-    return meta
-
-
 # ---- checkpoints on disk --------------------------------------------------------------------------
-def _checkpoint_files(checkpoint: Path) -> list[Path]:
-    files = sorted(checkpoint.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(
-            f"{checkpoint}: no *.safetensors weights (export reads safetensors checkpoints only)."
-        )
-    return files
-
-
-def read_tensors(checkpoint: Path, prefixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
-    """Tensors under each prefix (prefix stripped), reading only those keys."""
-    found: dict[str, dict[str, torch.Tensor]] = {p: {} for p in prefixes}
-    for file in _checkpoint_files(checkpoint):
-        check_safetensors(file)
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not dicts)
-                prefix = next((p for p in prefixes if key.startswith(p)), None)
-                if prefix is not None:
-                    found[prefix][key[len(prefix) :]] = handle.get_tensor(key)
-    return found
-
-
 def max_layer(keys) -> int:
     """Number of encoder layers present among tower keys (0 when none are numbered)."""
     indices = [int(m.group(1)) for k in keys if (m := LAYER_KEY.search(k))]

@@ -31,9 +31,9 @@ from llava.export_io import (
     load_tower_from_tensors,
     max_layer,
     processor_for_checkpoint,
-    read_tensors,
     write_export,
 )
+from llava.model.checkpoint_io import read_tensors
 from llava.model.encoders import (
     family_for_config,
     resolve_select_layer,

@@ -184,7 +184,7 @@ def test_cls_patch_square_counts_feeds_and_exports_the_cls_token(tiny_dir, tmp_p
     assert torch.allclose(exported_tokens(out, pixels), expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="cannot tile"):
         build_stage3_model(
-            Stage3Config(str(out), str(tiny_dir / "llm"), image_aspect_ratio="anyres_max_9"), tmp_path / "s3"
+            Stage3Config(str(out), str(tiny_dir / "llm"), image_aspect_ratio="anyres_max_9"), out
         )
 
 

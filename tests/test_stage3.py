@@ -18,10 +18,9 @@ import torch
 import transformers
 from stage_fixtures import exported_tokens, mllm_tokens, train, write_world
 
-from llava.export import export_checkpoint, read_export
+from llava.export import SOURCE_EXPORT_DIR, export_checkpoint, read_export, resolve_source
 from llava.model.builder import ModelConfig, build_model, load_model, save_model
 from llava.model.stage3 import (
-    SOURCE_EXPORT_DIR,
     Stage3Config,
     build_stage3_model,
     freeze_stage3,
@@ -50,6 +49,12 @@ def setup(tiny_dir, tmp_path_factory):
     return {"root": root, "stage2": root / "stage2", "llm48": root / "llm48", "world": write_world(root)}
 
 
+def _stage3(source: str, llm: str, *rest) -> tuple[Stage3Config, Path]:
+    """(Stage3Config(source, llm, *options), the source's export dir) for `*options, work_dir = rest`."""
+    *options, work_dir = rest
+    return Stage3Config(source, llm, *options), resolve_source(source, work_dir)
+
+
 def _stage2_parts(stage2):
     model, _, _ = load_model(stage2)
     return model.model.vision_tower.state_dict(), model.model.multi_modal_projector.state_dict()
@@ -74,7 +79,7 @@ def test_stage3_trains_only_new_layers_and_keeps_the_reused_ones(setup, reuse, t
     tower2, projector2 = _stage2_parts(stage2)
     fresh_llm = transformers.AutoModelForCausalLM.from_pretrained(llm48)
     transformers.set_seed(0)  # the seed run() used before building: the same initial Stage-3 model
-    initial, _, _ = build_stage3_model(Stage3Config(str(stage2), str(llm48), reuse), tmp_path / "rebuild")
+    initial, _, _ = build_stage3_model(*_stage3(str(stage2), str(llm48), reuse, tmp_path / "rebuild"))
 
     assert step1.config.pivot_projector_dims == EXPECTED_DIMS[reuse]
     projector = step1.model.multi_modal_projector.state_dict()
@@ -109,10 +114,10 @@ def test_stage3_trains_only_new_layers_and_keeps_the_reused_ones(setup, reuse, t
 
 def test_checkpoint_and_export_sources_give_the_same_encoder(setup, tmp_path):
     stage2, llm48 = setup["stage2"], setup["llm48"]
-    from_checkpoint, _, _ = build_stage3_model(Stage3Config(str(stage2), str(llm48)), tmp_path / "a")
+    from_checkpoint, _, _ = build_stage3_model(*_stage3(str(stage2), str(llm48), tmp_path / "a"))
     assert (tmp_path / "a" / SOURCE_EXPORT_DIR / "export.json").exists()
     export = export_checkpoint(stage2, tmp_path / "export")
-    from_export, _, _ = build_stage3_model(Stage3Config(str(export), str(llm48)), tmp_path / "b")
+    from_export, _, _ = build_stage3_model(*_stage3(str(export), str(llm48), tmp_path / "b"))
     assert not (tmp_path / "b" / SOURCE_EXPORT_DIR).exists()
     tower2, _ = _stage2_parts(stage2)
     _assert_equal_states(from_export.model.vision_tower.state_dict(), tower2, "encoder from export")
@@ -123,7 +128,7 @@ def test_checkpoint_and_export_sources_give_the_same_encoder(setup, tmp_path):
 
 def test_same_width_reuse_1_is_a_stock_hf_llava_checkpoint(setup, tiny_dir, tmp_path):
     model, tokenizer, processor = build_stage3_model(
-        Stage3Config(str(setup["stage2"]), str(tiny_dir / "llm")), tmp_path / "work"
+        *_stage3(str(setup["stage2"]), str(tiny_dir / "llm"), tmp_path / "work")
     )
     save_model(model, tokenizer, processor, tmp_path / "ckpt")
     stock = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
@@ -138,7 +143,7 @@ def test_stage3_refuses_bad_settings(setup, tiny_dir, tmp_path):
         ModelArguments(stage3_source=str(setup["stage2"]), llm="x", model_name_or_path="y")
     with pytest.raises(ValueError, match="--llm"):
         ModelArguments(stage3_source=str(setup["stage2"]))
-    model, _, _ = build_stage3_model(Stage3Config(str(setup["stage2"]), str(setup["llm48"])), tmp_path / "w")
+    model, _, _ = build_stage3_model(*_stage3(str(setup["stage2"]), str(setup["llm48"]), tmp_path / "w"))
     with pytest.raises(ValueError, match="frozen"):
         freeze_stage3(model, ("mm_vision_tower", "mm_mlp_adapter"))
 
@@ -159,7 +164,7 @@ def test_encoder_is_transplanted_with_its_feature_point(setup, tiny_dir, tmp_pat
     )
     save_model(stage2, tokenizer, processor, tmp_path / "stage2")
     model, _, processor3 = build_stage3_model(
-        Stage3Config(str(tmp_path / "stage2"), str(setup["llm48"])), tmp_path / "work"
+        *_stage3(str(tmp_path / "stage2"), str(setup["llm48"]), tmp_path / "work")
     )
     assert model.config.vision_feature_select_strategy == stage2.config.vision_feature_select_strategy
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
@@ -189,12 +194,12 @@ def test_feature_point_of_older_checkpoints_is_recorded_and_older_exports_refuse
     encoder_config = export / "vision_encoder" / "config.json"
     recorded = json.loads(encoder_config.read_text())
     assert recorded["tie_last_hidden_states"] is False
-    model, _, _ = build_stage3_model(Stage3Config(str(export), str(setup["llm48"])), tmp_path / "a")
+    model, _, _ = build_stage3_model(*_stage3(str(export), str(setup["llm48"]), tmp_path / "a"))
     assert model.config.vision_config.tie_last_hidden_states is False
     del recorded["tie_last_hidden_states"]
     encoder_config.write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="Re-export the Stage-2 checkpoint"):
-        build_stage3_model(Stage3Config(str(export), str(setup["llm48"])), tmp_path / "b")
+        build_stage3_model(*_stage3(str(export), str(setup["llm48"]), tmp_path / "b"))
 
 
 @pytest.mark.slow

@@ -216,3 +216,14 @@ def test_peak_flops_by_device_name():
 def test_unknown_config_name_is_an_actionable_error():
     with pytest.raises(ValueError, match="qwen2.5-1.5b"):
         llm_config("qwen2.5-14b")
+
+
+def test_benchmark_lora_rows_report_no_mfu(tiny_model):
+    # LoRA rows (llava.train.lora): the FLOP count is full training's, so no TFLOP/s or MFU is claimed.
+    spec = throughput.RunSpec(
+        TINY_LLM, TINY_VISION, "dpo", batch_size=2, warmup=0, steps=1, lora=True, **SHAPE
+    )
+    result = throughput.measure(spec)
+    assert result["achieved_tflops"] is None and result["mfu"] is None
+    assert result["train_loss"] == pytest.approx(0.6931, abs=1e-3), "zero-initialised adapters: the base"
+    assert "| dpo | LoRA r64 | 2 |" in throughput.summarise([result])

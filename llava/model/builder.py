@@ -35,9 +35,9 @@ from llava.model.encoders import (
     conform_image_processor,
     image_processor_for,
     load_vision_tower,
-    prepare_tower,
 )
 from llava.model.multi_tower import PivotMultiTower, PivotMultiTowerConfig, needs_wrapper
+from llava.model.parts import freeze_unused_vision_parts
 from llava.model.presets import ensemble_preprocessing, resolve_llm, split_ensemble
 
 logger = logging.getLogger(__name__)
@@ -298,25 +298,18 @@ def _record_knobs(config, cfg: ModelConfig, vision: VisionSetup, llm_path: str) 
     config.pivot_num_prefix_tokens = vision.num_prefix_tokens
 
 
-def freeze_unused_vision_parts(model: PreTrainedModel) -> None:
-    """Re-apply the family's freezing after `from_pretrained` (requires_grad is not saved)."""
-    tower = model.model.vision_tower
-    if isinstance(tower, PivotMultiTower):
-        for member, spec in zip(tower.members, tower.config.towers):
-            prepare_tower(member, ENCODER_FAMILIES[spec["family"]])
-        return
-    family = ENCODER_FAMILIES.get(getattr(model.config, "pivot_encoder_family", ""))
-    if family is not None:
-        prepare_tower(tower, family)
-
-
 def load_model(
     path: str | Path, dtype: str = "float32", attn_implementation: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, object]:
     """Load a checkpoint written by `save_model`; returns (model, tokenizer, image_processor).
 
     `attn_implementation=None` gives the LLM `default_attn_implementation(dtype)` and leaves the tower's default.
+    A LoRA checkpoint (adapter_config.json) comes back merged into its base (llava.model.adapters).
     """
+    if (Path(path) / "adapter_config.json").is_file():
+        from llava.model.adapters import load_lora_checkpoint
+
+        return load_lora_checkpoint(path, dtype, attn_implementation)
     path = str(path)
     config = transformers.AutoConfig.from_pretrained(path)
     if getattr(config, "pivot_projector_reuse_layers", None) is not None:

@@ -1,7 +1,7 @@
 """Stage 3 (PIVOT evaluation, Song et al. 2025 §5 and Table I): a new LLM on a transplanted, frozen encoder.
 
-The encoder of a Stage-2 MLLM (a checkpoint, exported on the fly, or an export from llava.export) is
-attached to a new LLM; the encoder stays frozen through both Stage-3 steps (projector-only
+The encoder of a Stage-2 MLLM (an export from llava.export; llava.export `resolve_source` exports a
+checkpoint on the fly) is attached to a new LLM; the encoder stays frozen through both Stage-3 steps (projector-only
 pretraining, then projector + LLM finetuning). `projector_reuse_layers` keeps that many layers of the
 Stage-2 projector, frozen, and appends new trainable layers to reach the new LLM's width:
 
@@ -43,29 +43,21 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN
 
-from llava.export import (
+from llava.model.builder import ASPECT_RATIOS, DTYPES, ModelConfig, build_model
+from llava.model.chat_template import set_training_chat_template
+from llava.model.checkpoint_io import (
     MULTI_TOWER_TYPE,
     PROJECTOR_PREFIXES,
-    export_checkpoint,
     load_projector,
     read_export,
     read_tensors,
 )
-from llava.model.builder import (
-    ASPECT_RATIOS,
-    DTYPES,
-    ModelConfig,
-    build_model,
-    freeze_unused_vision_parts,
-)
-from llava.model.chat_template import set_training_chat_template
 from llava.model.encoders import family_for_config
-from llava.train.param_groups import TUNABLE_PARTS, part_of
+from llava.model.parts import freeze_unused_vision_parts, trainable_counts
 
 logger = logging.getLogger(__name__)
 
 REUSE_CHOICES = (0, 1, 2)
-SOURCE_EXPORT_DIR = "stage3_source_export"
 
 
 def reused_prefixes(reuse_layers: int) -> tuple[str, ...]:
@@ -134,20 +126,6 @@ class Stage3Config:
             raise ValueError(f"dtype={self.dtype!r}; choose one of {tuple(DTYPES)}.")
 
 
-def resolve_source(source: str | Path, work_dir: str | Path) -> Path:
-    """The export directory of `source`: itself if it is an export, else an export written to work_dir."""
-    path = Path(source)
-    if (path / "export.json").exists():
-        return path
-    if (path / "config.json").exists():
-        target = Path(work_dir) / SOURCE_EXPORT_DIR
-        logger.info("exporting the encoder of %s to %s", path, target)
-        return export_checkpoint(path, target)
-    raise FileNotFoundError(
-        f"Stage-3 source {source}: neither an exported encoder (export.json) nor a checkpoint (config.json)."
-    )
-
-
 def _select_feature(export_dir: Path, meta: dict, image_aspect_ratio: str) -> str:
     """The builder's `mm_vision_select_feature` that drops the export's `num_prefix_tokens`."""
     wanted = int(meta["num_prefix_tokens"])
@@ -176,13 +154,14 @@ def _select_feature(export_dir: Path, meta: dict, image_aspect_ratio: str) -> st
 
 
 def build_stage3_model(
-    cfg: Stage3Config, work_dir: str | Path
+    cfg: Stage3Config, export_dir: str | Path
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, object]:
     """New LLM + frozen transplanted encoder + `Stage3Projector`; returns (model, tokenizer, image_processor).
 
-    A checkpoint source without an export is exported to `work_dir/stage3_source_export` first.
+    `export_dir` is the exported encoder of `cfg.source`: the source itself when it is an export, else
+    its export (llava.export `resolve_source` exports a checkpoint source on the fly).
     """
-    export_dir = resolve_source(cfg.source, work_dir)
+    export_dir = Path(export_dir)
     meta = read_export(export_dir)
     model, tokenizer, image_processor = build_model(
         ModelConfig(
@@ -297,8 +276,4 @@ def freeze_stage3(model: PreTrainedModel, parts: tuple[str, ...]) -> dict[str, i
     for name, param in model.model.multi_modal_projector.named_parameters():
         if name.startswith(prefixes):
             param.requires_grad_(False)
-    counts = dict.fromkeys(TUNABLE_PARTS, 0)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            counts[part_of(name)] += param.numel()
-    return counts
+    return trainable_counts(model)

@@ -18,12 +18,14 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from llava.model.adapters import base_llava
+
 IGNORE_INDEX = -100
 
 
 def unwrap(model: torch.nn.Module) -> PreTrainedModel:
-    """The HF model inside a DDP / DeepSpeed wrapper (both keep it as `.module`)."""
-    return model.module if hasattr(model, "module") else model
+    """The HF model inside a DDP / DeepSpeed wrapper (both keep it as `.module`) and a peft wrapper."""
+    return base_llava(model.module if hasattr(model, "module") else model)
 
 
 def encode_images(

@@ -1,9 +1,9 @@
-"""Trainable parts and per-module learning rates (LLaVA-NeXT's `--mm_tunable_parts`, `--mm_*_lr`).
+"""Per-module learning rates on the trainable parts (LLaVA-NeXT's `--mm_tunable_parts`, `--mm_*_lr`).
 
-Parts: `mm_vision_tower` (the vision tower), `mm_mlp_adapter` (projector, plus OneVision's
-`image_newline`), `mm_language_model` (LLM body and LM head). Parameters not on the feature path stay
-frozen whatever the parts (llava.model.encoders). Optimizer groups: one per (part, decay/no-decay),
-with the part's learning rate; norms and biases get no weight decay (HF Trainer's rule).
+The parts and their freezing rules are the model layer's (llava.model.parts: `mm_vision_tower`,
+`mm_mlp_adapter`, `mm_language_model`); they are importable from here too. Optimizer groups: one per
+(part, decay/no-decay), with the part's learning rate; norms and biases get no weight decay (HF
+Trainer's rule).
 
 The reference code silently ignored the per-module rates under a DeepSpeed config with its own
 `optimizer` block (DeepSpeed then builds the optimizer from the config); `check_deepspeed_config`
@@ -20,40 +20,20 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from llava.model.builder import freeze_unused_vision_parts
+from llava.model.parts import TUNABLE_PARTS, parse_tunable_parts, part_of, set_trainable_parts
+
+__all__ = [  # the parts' rules live in the model layer (llava.model.parts); the training layer uses them here
+    "TUNABLE_PARTS",
+    "GroupSpec",
+    "build_param_groups",
+    "check_deepspeed_config",
+    "describe_groups",
+    "parse_tunable_parts",
+    "part_of",
+    "set_trainable_parts",
+]
 
 logger = logging.getLogger(__name__)
-
-TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model")
-
-
-def parse_tunable_parts(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    unknown = [p for p in parts if p not in TUNABLE_PARTS]
-    if unknown or not parts:
-        raise ValueError(f"mm_tunable_parts={text!r}: choose a comma-separated subset of {TUNABLE_PARTS}.")
-    return parts
-
-
-def part_of(name: str) -> str:
-    """Which tunable part a parameter name belongs to."""
-    if ".vision_tower." in f".{name}":
-        return "mm_vision_tower"
-    if "multi_modal_projector" in name or name.endswith("image_newline"):
-        return "mm_mlp_adapter"
-    return "mm_language_model"
-
-
-def set_trainable_parts(model: PreTrainedModel, parts: tuple[str, ...]) -> dict[str, int]:
-    """Set requires_grad by part; returns trainable parameter counts per part."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(part_of(name) in parts)
-    freeze_unused_vision_parts(model)
-    counts = dict.fromkeys(TUNABLE_PARTS, 0)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            counts[part_of(name)] += param.numel()
-    return counts
 
 
 @dataclass(frozen=True)

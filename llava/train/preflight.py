@@ -128,7 +128,7 @@ def _source(value: str | None) -> str | None:
     return os.path.abspath(value) if value and os.path.exists(value) else value
 
 
-def run_identity(model_args, data_args, train_args) -> dict:
+def run_identity(model_args, data_args, train_args, lora_args=None) -> dict:
     """The settings that define a run (llava.train.run_dir), JSON-normalised for comparison."""
     model = asdict(model_args)
     del model[
@@ -147,6 +147,9 @@ def run_identity(model_args, data_args, train_args) -> dict:
         identity[f"data.{key}"] = getattr(data_args, key)
     for key in IDENTITY_TRAINING_ARGS:
         identity[key] = getattr(train_args, key)
+    if lora_args is not None and lora_args.lora_enable:  # adapters or full weights: another run
+        identity.update({f"lora.{key}": value for key, value in asdict(lora_args).items()})
+        identity["lora.merge_lora_into"] = None  # where a merged copy goes does not change the run
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -165,12 +168,12 @@ def check_output_dir(train_args) -> None:
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint directory.")
 
 
-def check(model_args, data_args, train_args) -> dict:
+def check(model_args, data_args, train_args, lora_args=None) -> dict:
     """Every check of the module docstring that writes nothing; returns the run identity."""
     check_model_args(model_args)
     if data_args.image_folder and not os.path.isdir(data_args.image_folder):
         raise FileNotFoundError(f"--image_folder {data_args.image_folder}: no such directory.")
-    identity = run_identity(model_args, data_args, train_args)
+    identity = run_identity(model_args, data_args, train_args, lora_args)
     check_output_dir(train_args)
     run_dir.check_identity(
         Path(train_args.output_dir),
@@ -182,9 +185,9 @@ def check(model_args, data_args, train_args) -> dict:
 
 
 @contextmanager
-def preflight(model_args, data_args, train_args) -> Iterator[None]:
+def preflight(model_args, data_args, train_args, lora_args=None) -> Iterator[None]:
     """Check (`check`), then hold OUTPUT_DIR for the run: lock, identity, cleanup on failure (docstring)."""
-    identity = check(model_args, data_args, train_args)
+    identity = check(model_args, data_args, train_args, lora_args)
     if train_args.process_index != 0:
         yield
         return

@@ -48,9 +48,10 @@ RUN_FILES = (
     "sample_order.jsonl",
     "skipped_records.jsonl",
     "export.json",
+    "adapter_config.json",
     IDENTITY_FILE,
 )
-RUN_DIRS = ("vision_encoder", "projector")
+RUN_DIRS = ("vision_encoder", "projector", "lora_base")
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 

@@ -17,7 +17,8 @@ a Stage-3 checkpoint given to `--model_name_or_path` is reloaded with its projec
 and reused projector layers are frozen whatever `--mm_tunable_parts` says. With `--export_encoder`
 (default) the encoder-export hook (llava.train.callbacks) writes vision_encoder/, projector/ and
 export.json into every checkpoint and OUTPUT_DIR; projector-only runs write OUTPUT_DIR/projector/ in
-any case, which `--pretrain_mm_mlp_adapter` reloads.
+any case, which `--pretrain_mm_mlp_adapter` reloads. `--lora_enable` (llava.train.lora, flags in
+`LoraArguments`) trains adapters on the parts' own rules; `--merge_lora_into` writes a merged checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
 from llava.data.mixture import load_records_of_their_kind
-from llava.export import cpu_state_dict, write_projector
+from llava.export import cpu_state_dict, resolve_source, write_projector
 from llava.file_checks import check_safetensors, read_json
 from llava.model.builder import ModelConfig, build_model, load_model
 from llava.model.image_tokens import image_token_counter
@@ -44,6 +45,7 @@ from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, 
 from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.checkpoints import last_complete_checkpoint
+from llava.train.lora import LoraArguments, merge_lora_into, prepare_lora
 from llava.train.losses import PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
 from llava.train.preflight import preflight
@@ -67,7 +69,7 @@ def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str 
             dtype=dtype,
             attn_implementation=model_args.attn_implementation,
         )
-        return build_stage3_model(cfg, work_dir=output_dir)
+        return build_stage3_model(cfg, resolve_source(cfg.source, output_dir))
     if model_args.model_name_or_path:
         return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)  # Stage 3 too
     if not (model_args.llm and model_args.vision_tower):
@@ -287,16 +289,22 @@ def check_reference_mode(train_args: PivotTrainingArguments) -> None:
 
 
 def run(
-    model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: PivotTrainingArguments,
+    lora_args: LoraArguments | None = None,
 ) -> PivotTrainer:
     check_reference_mode(train_args)
     # Names, checkpoints, data files and OUTPUT_DIR checked, then OUTPUT_DIR locked (llava.train.preflight).
-    with preflight(model_args, data_args, train_args):
-        return train_model(model_args, data_args, train_args)
+    with preflight(model_args, data_args, train_args, lora_args):
+        return train_model(model_args, data_args, train_args, lora_args)
 
 
 def train_model(
-    model_args: ModelArguments, data_args: DataArguments, train_args: PivotTrainingArguments
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    train_args: PivotTrainingArguments,
+    lora_args: LoraArguments | None = None,
 ) -> PivotTrainer:
     transformers.set_seed(train_args.seed)
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
@@ -307,10 +315,22 @@ def train_model(
     counts = set_trainable_parts(model, parts)
     if is_stage3(model.config):
         counts = freeze_stage3(model, parts)
-    logger.info("trainable parameters per part: %s", counts)
+    if lora_args is None or not lora_args.lora_enable:  # LoRA runs log their real set (llava.train.lora)
+        logger.info("trainable parameters per part: %s", counts)
     model.config.pivot_loss_type = train_args.loss_type
     dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
     collator = DataCollator(tokenizer.pad_token_id)
+    if lora_args is not None and lora_args.lora_enable:
+        model = prepare_lora(
+            model,
+            tokenizer,
+            image_processor,
+            parts,
+            lora_args,
+            model_args.model_name_or_path,
+            train_args.output_dir,
+            train_args.should_save,
+        )
     ref = reference_logps(
         model, dataset, collator, train_args, reference_fingerprint(model_args, data_args, train_args)
     )
@@ -335,14 +355,16 @@ def train_model(
         if state is not None:
             projector_dir = os.path.join(train_args.output_dir, "projector")
             write_projector(state, projector_dir, model.config.projector_hidden_act)
+    if lora_args is not None and lora_args.merge_lora_into and trainer.is_world_process_zero():
+        merge_lora_into(train_args.output_dir, lora_args.merge_lora_into)
     return trainer
 
 
 def main(argv: list[str] | None = None) -> PivotTrainer:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = HfArgumentParser((ModelArguments, DataArguments, PivotTrainingArguments))
-    model_args, data_args, train_args = parser.parse_args_into_dataclasses(args=argv)
-    return run(model_args, data_args, train_args)
+    parser = HfArgumentParser((ModelArguments, DataArguments, PivotTrainingArguments, LoraArguments))
+    model_args, data_args, train_args, lora_args = parser.parse_args_into_dataclasses(args=argv)
+    return run(model_args, data_args, train_args, lora_args)
 
 
 if __name__ == "__main__":

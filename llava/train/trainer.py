@@ -25,7 +25,9 @@ Resume: `save_pretrained` writes Llava checkpoints with the original (pre-4.52) 
 `Trainer._load_from_checkpoint` loads with a raw non-strict `load_state_dict`, so no weight matched and
 a resumed run silently went on from the initial weights (transformers#43701). Checkpoint keys are
 renamed with the model's own loading conversions (patches.checkpoint_keys) and loaded strictly (only
-tied weights may be absent); this also covers Stage-3 projectors of other shapes.
+tied weights may be absent); this also covers Stage-3 projectors of other shapes. LoRA runs
+(llava.train.lora) save and resume their adapters and fully trained parts, and their live reference is
+the base model with the adapters disabled instead of a copy.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from llava.file_checks import check_safetensors_in
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.checkpoints import staged_checkpoint
 from llava.train.logps import chosen_logps, pair_logps
+from llava.train.lora import adapters_disabled, load_adapter_checkpoint, peft_model_of, save_lora_extras
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats, batch_reward_mean
 from llava.train.param_groups import build_param_groups, check_deepspeed_config, describe_groups
 from llava.train.reference import lookup
@@ -66,7 +69,9 @@ class PivotTrainer(Trainer):
         running = self.args.loss_type == "mpo" and self.args.bco_delta == "running"
         self.bco_running_mean = RunningMean() if running else None
         self.ref_model = None
-        if self.args.loss_type in PREFERENCE_LOSSES and self.args.reference == "live":
+        live = self.args.loss_type in PREFERENCE_LOSSES and self.args.reference == "live"
+        self.reference_is_base = live and peft_model_of(self.model) is not None  # LoRA: adapters off
+        if live and not self.reference_is_base:
             # Trainer places the policy itself except under DeepSpeed; the reference always goes to the device.
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False).to(self.args.device)
         if (
@@ -105,6 +110,9 @@ class PivotTrainer(Trainer):
         if self.bco_running_mean is not None:
             self.bco_running_mean = RunningMean.load(resume_from_checkpoint)
         model = model if model is not None else self.model
+        if peft_model_of(model) is not None:
+            load_adapter_checkpoint(model, resume_from_checkpoint)
+            return
         files = safetensors_files(resume_from_checkpoint)
         check_safetensors_in(resume_from_checkpoint)  # a truncated file names itself (llava.file_checks)
         if self.is_fsdp_enabled or not files or not isinstance(model, PreTrainedModel):
@@ -122,6 +130,11 @@ class PivotTrainer(Trainer):
                 f"unexpected {result.unexpected_keys[:5]}"
             )
         logger.info("loaded %d model tensors from %s", len(state), resume_from_checkpoint)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_lora_extras(self.model, output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         with staged_checkpoint(self, trial) as (folder, final):  # renamed into place when complete
@@ -210,6 +223,9 @@ class PivotTrainer(Trainer):
         if self.ref_model is not None:
             with torch.no_grad():
                 ref_chosen, ref_rejected, _, _ = pair_logps(self.ref_model, inputs, share)
+        elif self.reference_is_base:
+            with adapters_disabled(model) as base:
+                ref_chosen, ref_rejected, _, _ = pair_logps(base, inputs, share)
         else:
             ref_chosen, ref_rejected = lookup(self.ref_logps, ids, chosen.device)
         return PairStats(chosen, rejected, ref_chosen, ref_rejected, chosen_n, rejected_n)

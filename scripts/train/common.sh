@@ -1,7 +1,7 @@
 # Shared by every training script (sourced, not run): distributed settings, batch arithmetic, launch.
 # Variables (override from the environment): NUM_GPUS NNODES RANK ADDR PORT GLOBAL_BATCH PER_DEVICE_BATCH
-# DEEPSPEED PYTHON LAUNCHER DDP_TIMEOUT HOSTFILE. On a machine without CUDA the run is one plain CPU
-# process (fp32). With GPUs: bf16, gradient checkpointing, DeepSpeed, and the LLM on flash_attention_2
+# DEEPSPEED PYTHON LAUNCHER DDP_TIMEOUT HOSTFILE, and LORA LORA_R LORA_ALPHA LORA_DROPOUT LORA_VISION
+# (pivot_lora_flags). On a machine without CUDA the run is one plain CPU process (fp32). With GPUs: bf16, gradient checkpointing, DeepSpeed, and the LLM on flash_attention_2
 # when flash_attn imports, else sdpa (llava.model.builder.default_attn_implementation).
 # Multi-node: run the script on every node with the same NNODES ADDR PORT and that node's RANK (0..NNODES-1).
 #   LAUNCHER=torchrun (default): python -m torch.distributed.run.
@@ -94,7 +94,8 @@ pivot_train() {
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do stage+=("$1"); shift; done
   [ $# -gt 0 ] && shift
   ga=$(pivot_grad_accum)
-  pivot_launch "${stage[@]}" \
+  pivot_lora_flags || return 1
+  pivot_launch "${stage[@]}" "${LORA_FLAGS[@]}" \
     --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR" \
     --learning_rate "$LR" --num_train_epochs "$EPOCHS" \
     --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size "$PER_DEVICE_BATCH" \
@@ -102,6 +103,24 @@ pivot_train() {
     --lr_scheduler_type cosine --warmup_steps 0.03 --weight_decay 0 --model_max_length 2048 \
     --save_strategy steps --save_steps "$SAVE_STEPS" --logging_steps 1 --report_to "$REPORT_TO" \
     --seed "$SEED" --dataloader_num_workers "$WORKERS" "$@"
+}
+
+# The LoRA flags of the LORA* variables a calling script sets in its variable block (none unless LORA=1).
+pivot_lora_flags() {
+  LORA_FLAGS=()
+  case "${LORA:-0}" in
+    0) return 0 ;;
+    1) ;;
+    *) echo "LORA=$LORA: use 1 (train LoRA adapters) or 0" >&2; return 1 ;;
+  esac
+  local vision=False
+  case "${LORA_VISION:-0}" in
+    0) ;;
+    1) vision=True ;;
+    *) echo "LORA_VISION=$LORA_VISION: use 1 (adapt the vision tower too) or 0" >&2; return 1 ;;
+  esac
+  LORA_FLAGS=(--lora_enable True --lora_r "${LORA_R:-64}" --lora_alpha "${LORA_ALPHA:-16}"
+    --lora_dropout "${LORA_DROPOUT:-0.05}" --lora_vision "$vision")
 }
 
 # Stage 2 (sft.sh, dpo.sh): reads the variables those scripts set at their top (MODEL_ARGS: paths.sh).

@@ -26,6 +26,12 @@ SEED=${SEED:-42}
 SAVE_STEPS=${SAVE_STEPS:-100}
 WORKERS=${WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}
+# LoRA (llava.train.lora): LORA=1 trains adapters on the LLM (LORA_VISION=1: on the tower too) instead of full weights.
+LORA=${LORA:-0}
+LORA_R=${LORA_R:-64}
+LORA_ALPHA=${LORA_ALPHA:-16}
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}
+LORA_VISION=${LORA_VISION:-0}
 
 source scripts/train/common.sh
 pivot_stage2 "$@"
