@@ -9,7 +9,7 @@ import pytest
 from data_fixtures import write_json, write_jsonl
 
 from llava.data.errors import DataFileError, EmptyResponseError
-from llava.data.mixture import load_records, load_records_of_their_kind
+from llava.data.mixture import load_records, load_records_of_their_kind, refuse_duplicate_ids
 from llava.data.records import ConversationRecord, PreferenceRecord
 
 
@@ -232,11 +232,12 @@ def test_duplicate_ids_are_refused_naming_the_ids_and_files(world):
     # Before: SFT data with repeated ids only warned, and sample_order.jsonl no longer identified samples.
     records = [{**qa(i), "id": f"q{i % 3}"} for i in range(4)]
     write_json(world / "data" / "dup.json", records)
+    path = str(world / "data" / "dup.json")
     with pytest.raises(
         DataFileError, match="1 sample id\\(s\\) occur more than once \\('q0' x2 in .*dup.json\\)"
     ):
-        load_records(str(world / "data" / "dup.json"), str(world), "conversation")
+        refuse_duplicate_ids(load_records(path, str(world), "conversation"), path)
     write_json(world / "data" / "gamma.json", [{**qa(i), "id": f"g{i}"} for i in range(3)])
     mixture = write_mixture(world / "twice.yaml", ("data/gamma.json", "all"), ("data/gamma.json", "first:1"))
     with pytest.raises(DataFileError, match=f"{mixture}: .*'g0' x2 in .*gamma.json"):
-        load_records(mixture, str(world), "conversation")
+        refuse_duplicate_ids(load_records(mixture, str(world), "conversation"), mixture)

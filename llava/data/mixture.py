@@ -268,13 +268,13 @@ def load_records_of_their_kind(
         logger.info("%s: kept %d of %d records (%s)", entry.json_path, len(indices), len(raw), entry.strategy)
     if kind is None:
         raise DataFileError(data_path, "no records")
-    refuse_duplicate_ids(records, data_path)
-    return kind, records
+    return kind, records  # repeated ids are refused on the records a run trains on (refuse_duplicate_ids)
 
 
 def refuse_duplicate_ids(records: list[Record], data_path: str) -> None:
-    """Sample ids must be unique: sample_order.jsonl, the matched sampler and the reference cache identify
-    samples by id. The error names each repeated id (up to 5) and the files it occurs in."""
+    """Sample ids of the records a run trains on must be unique (checked after invalid records are removed):
+    sample_order.jsonl, the matched sampler and the reference cache identify samples by id. The error names
+    each repeated id (up to 5) and the files it occurs in."""
     files: dict[str, list[str]] = {}
     for record in records:
         files.setdefault(record.id, []).append(record.source)

@@ -36,7 +36,7 @@ from transformers import HfArgumentParser
 from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
-from llava.data.mixture import load_records_of_their_kind
+from llava.data.mixture import load_records_of_their_kind, refuse_duplicate_ids
 from llava.export import cpu_state_dict, resolve_source, write_projector
 from llava.file_checks import check_safetensors, read_json
 from llava.model.builder import ModelConfig, build_model, load_model
@@ -130,6 +130,7 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
             f"{data_args.data_path}: {len(dataset)} record(s), fewer than one optimizer step needs ({step} = "
             "per-device batch x gradient accumulation x processes); a run would train 0 steps."
         )
+    refuse_duplicate_ids(dataset.records, data_args.data_path)
     return dataset
 
 
