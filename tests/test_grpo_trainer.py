@@ -28,7 +28,7 @@ GRPO_FLAGS = {"num_generations": 4, "max_completion_length": 8, "beta": 0.0}
 
 def grpo_json(data, out_dir, ids=None):
     """The converter's GRPO records of `ids` (default: the DPO json's), in the DPO json's order."""
-    records = {r["id"]: r for r in json.loads((data.dpo_json.parent / "mmpr_grpo.json").read_text())}
+    records = {r["id"]: r for r in json.loads((data.world.parent / "mmpr_grpo.json").read_text())}
     path = out_dir / "grpo.json"
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([records[i] for i in (ids or data.ids)]))
@@ -244,19 +244,29 @@ def test_vllm_backend_refuses_without_cuda():
 
 @pytest.mark.slow
 def test_resumed_grpo_run_equals_uninterrupted_run(train_data, tmp_path):
-    flags = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "export_encoder": False}
+    flags = {
+        "max_steps": 4,
+        "gradient_accumulation_steps": 2,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "lr_scheduler_type": "constant",
+        "export_encoder": False,
+    }
     full = run_main(grpo_argv(train_data, tmp_path, tmp_path / "full", **flags))
-    argv = grpo_argv(train_data, tmp_path, tmp_path / "part", **{**flags, "max_steps": 2})
-    run_main(argv)
+    first = run_main(grpo_argv(train_data, tmp_path, tmp_path / "part", **{**flags, "max_steps": 2}))
+    assert (tmp_path / "part" / "checkpoint-2" / "generation_rng_0.pth").is_file()
+    halfway = weights(first.model)
     resumed = run_main(grpo_argv(train_data, tmp_path, tmp_path / "part", **flags))
     assert resumed.state.global_step == 4
-    assert max_abs_diff(weights(full.model), weights(resumed.model)) == 0.0
 
     def table(name):
-        lines = (tmp_path / name / COMPLETIONS_FILE).read_text().splitlines()
-        return [json.loads(line) for line in lines if json.loads(line)["step"] > 2]
+        rows = [json.loads(line) for line in (tmp_path / name / COMPLETIONS_FILE).read_text().splitlines()]
+        return [row for row in rows if row["step"] > 2]
 
     assert table("part") == table("full"), "the resumed run samples the same completions"
+    final = weights(resumed.model)
+    assert max_abs_diff(final, halfway) > 1e-4, "steps 3-4 must change the weights"
+    torch.testing.assert_close(final, weights(full.model), rtol=1e-5, atol=1e-6)
 
 
 # ---- records ------------------------------------------------------------------------------------------
@@ -301,7 +311,7 @@ def test_grpo_refuses_preference_data_and_dpo_refuses_prompts(train_data, tmp_pa
 
 LEARN_STEPS = 30
 LEARN_WINDOW = 5
-LEARN_MARGIN = 0.1  # see test docstring: measured rises over seeds 0, 1, 2
+LEARN_MARGIN = 0.25  # measured rises 0.550, 0.475, 0.506 (seeds 0, 1, 2; mean 0.51, sd 0.04)
 
 
 @pytest.mark.slow
