@@ -339,3 +339,46 @@ def test_grpo_raises_the_mean_training_reward(train_data, tmp_path):
     first = statistics.mean(rewards[:LEARN_WINDOW])
     last = statistics.mean(rewards[-LEARN_WINDOW:])
     assert last > first + LEARN_MARGIN, (first, last, rewards)
+
+
+# ---- the launch script ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_grpo_script_trains_from_a_stage1_checkpoint_and_exports_the_encoder(train_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llava.model.builder import ModelConfig, build_model, save_model
+
+    stage1 = tmp_path / "stage1"
+    save_model(
+        *build_model(ModelConfig(llm=str(train_data.llm), vision_tower=str(train_data.vision_tower))), stage1
+    )
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "CKPT_PATH": str(stage1),
+        "DATA_PATH": str(grpo_json(train_data, tmp_path / "data")),
+        "IMAGE_FOLDER": str(train_data.world),
+        "OUTPUT_DIR": str(tmp_path / "grpo"),
+        "GLOBAL_BATCH": "4",
+        "PER_DEVICE_BATCH": "2",
+        "NUM_GENERATIONS": "4",
+        "MAX_COMPLETION_LENGTH": "8",
+        "WORKERS": "0",
+        "SAVE_STEPS": "2",
+    }
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train" / "grpo.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--max_steps", "2"], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "grpo"
+    assert json.loads((out / "config.json").read_text())["pivot_loss_type"] == "grpo"
+    assert json.loads((out / "export.json").read_text())["loss_type"] == "grpo"
+    assert (out / "vision_encoder").is_dir() and (out / "checkpoint-2" / "vision_encoder").is_dir()
+    assert [row["step"] for row in read_sample_order(out)] == [1, 2]
+    assert (out / COMPLETIONS_FILE).is_file()
