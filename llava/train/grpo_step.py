@@ -30,7 +30,8 @@ so one generation batch serves μ consecutive optimizer steps (TRL's `num_iterat
 
 Logged every `--logging_steps`: reward mean/std per function and in total, the fraction of groups
 with zero reward variance, completion length (mean, min, max, clipped = no stop token), clip ratio,
-KL, generation and training seconds per step; a table of the step's first group of completions with
+KL, seconds per step spent sampling (image encoding + `generate`), generating in all (sampling, rewards,
+old and reference log-probs) and training (the rest of the step); a table of the step's first group of completions with
 their rewards is appended to `OUTPUT_DIR/completions.jsonl` (and logged to wandb when reported to).
 """
 
@@ -194,6 +195,7 @@ class GRPOStep:
         self.cache: tuple[list[list[str]], list[dict]] | None = None
         self.table: list[dict[str, Any]] = []
         self._generation_s = 0.0
+        self._sampling_s = 0.0
         self._prepared_at: float | None = None
 
     # ---- sampler ---------------------------------------------------------------------------
@@ -234,6 +236,7 @@ class GRPOStep:
                 batch["grpo"] = grpo
         else:
             self.table = []
+            self._sampling_s = 0.0
             for position, batch in enumerate(batches):
                 batch["grpo"] = self._generate(batch, record_table=position == 0)
             self.cache = (ids, [batch["grpo"] for batch in batches])
@@ -255,10 +258,12 @@ class GRPOStep:
         image_sizes = None if image_sizes is None else image_sizes.to(device)
         image_counts = list(batch["image_counts"])
         tokens = [int((ids == unwrap(model).config.image_token_id).sum()) for ids in prompt_ids]
+        start = time.perf_counter()
         with torch.no_grad(), trainer.accelerator.autocast():
             features = encode_images(model, pixel_values, image_sizes)
             with self.rng.active():
                 completions = self.backend.generate(model, prompt_ids, features, self.sampling)
+        self._sampling_s += time.perf_counter() - start
         texts = self.tokenizer.batch_decode(
             [ids[:n] for ids, n in zip(completions.ids, completions.lengths.tolist())],
             skip_special_tokens=True,
@@ -356,6 +361,7 @@ class GRPOStep:
     def step_ended(self) -> None:
         metrics = self.trainer._metrics
         metrics["timing/generation_s"].append(self._generation_s)
+        metrics["timing/sampling_s"].append(self._sampling_s)
         if self._prepared_at is not None:
             metrics["timing/train_s"].append(time.perf_counter() - self._prepared_at)
 
