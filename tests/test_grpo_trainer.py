@@ -382,3 +382,25 @@ def test_grpo_script_trains_from_a_stage1_checkpoint_and_exports_the_encoder(tra
     assert (out / "vision_encoder").is_dir() and (out / "checkpoint-2" / "vision_encoder").is_dir()
     assert [row["step"] for row in read_sample_order(out)] == [1, 2]
     assert (out / COMPLETIONS_FILE).is_file()
+
+
+# ---- options ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        ({"eval_strategy": "steps"}, "no evaluation loss"),
+        ({"gamma": 1.0}, "grpo run has neither"),
+        ({"reward_weights": [1.0]}, "1 values for 2"),
+        ({"num_iterations": 2, "save_strategy": "steps", "save_steps": 3}, "multiple of --num_iterations"),
+        ({"loss_normalization": "bnpo"}, "choose one of"),
+        ({"beta": -0.1}, "beta"),
+    ],
+)
+def test_grpo_options_fail_fast(tmp_path, flags, match):
+    from llava.train.args import PivotTrainingArguments
+
+    with pytest.raises(ValueError, match=match):
+        PivotTrainingArguments(output_dir=str(tmp_path), loss_type="grpo", use_cpu=True, **flags)
+    PivotTrainingArguments(output_dir=str(tmp_path), loss_type="grpo", use_cpu=True, beta=0.0)

@@ -261,6 +261,11 @@ class PivotTrainingArguments(transformers.TrainingArguments):
                 f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
                 f"--reward_funcs {self.reward_funcs}."
             )
+        if self.eval_strategy != "no":
+            raise ValueError(
+                f"--eval_strategy {self.eval_strategy} with --loss_type grpo: GRPO has no evaluation loss (its "
+                "completions are sampled per training step); evaluate checkpoints with scripts/eval instead."
+            )
         if (
             self.num_iterations > 1
             and self.save_strategy == "steps"

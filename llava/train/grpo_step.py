@@ -380,6 +380,7 @@ class GRPOStep:
                 columns = ["step", "id", "prompt", "completion", "reward", "advantage"]
                 rows = [[step] + [row[c] for c in columns[1:]] for row in self.table]
                 wandb.log({"completions": wandb.Table(columns=columns, data=rows)})
+        self.table = []  # a reused generation (μ > 1) is not logged again
 
     def save(self, folder: str | Path) -> None:
         self.rng.save(folder)
