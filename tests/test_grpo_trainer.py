@@ -105,6 +105,15 @@ def test_step_repeat_sampler_yields_each_step_block_mu_times():
     assert len(sampler) == 15
 
 
+def test_num_iterations_reuses_one_generation_for_mu_steps(train_data, tmp_path):
+    out = tmp_path / "mu"
+    run_main(grpo_argv(train_data, tmp_path, out, num_iterations=2, max_steps=4, export_encoder=False))
+    order = [row["ids"] for row in read_sample_order(out)]
+    assert order[0] == order[1] and order[2] == order[3] and order[0] != order[2]
+    table = [json.loads(line) for line in (out / COMPLETIONS_FILE).read_text().splitlines()]
+    assert sorted({row["step"] for row in table}) == [1, 3], "one generation per two optimizer steps"
+
+
 # ---- the image encoded once per group -------------------------------------------------------------
 
 

@@ -239,7 +239,8 @@ class GRPOStep:
             self._sampling_s = 0.0
             for position, batch in enumerate(batches):
                 batch["grpo"] = self._generate(batch, record_table=position == 0)
-            self.cache = (ids, [batch["grpo"] for batch in batches])
+            if self.trainer.args.num_iterations > 1:  # kept for the next μ - 1 steps only
+                self.cache = (ids, [batch["grpo"] for batch in batches])
         tokens = sum(batch["grpo"].completions.mask.sum() for batch in batches).reshape(1).float()
         if self.trainer.args.world_size > 1:
             tokens = self.trainer.accelerator.reduce(tokens, reduction="sum")
