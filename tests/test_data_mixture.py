@@ -151,7 +151,7 @@ def test_kind_is_each_files_majority_and_a_bad_first_record_is_reported(tmp_path
 
 def test_kind_refuses_an_even_split_and_a_mixture_of_kinds(tmp_path):
     split = write_jsonl(tmp_path / "split.jsonl", _pairs(2) + _conversations(2))
-    with pytest.raises(DataFileError, match="2 records have 'chosen' .* and 2 do not") as info:
+    with pytest.raises(DataFileError, match=r"equal numbers \(2 preference, 2 conversation") as info:
         load_records_of_their_kind(str(split), None)
     assert info.value.path == str(split)
     write_jsonl(tmp_path / "dpo.jsonl", _pairs(3))

@@ -7,6 +7,10 @@ the SAME length as the chosen side so a trainer can concatenate chosen and rejec
 no sample has images; text-only samples in a mixed batch contribute none). anyres pixel values of shape
 `[n, patches, 3, H, W]` with different patch counts are zero-padded along the patch axis, as HF's
 LLaVA-OneVision processor does. `sample_ids` lists the record ids.
+
+`PromptCollator` batches GRPO prompt items: `prompt_ids` (a list of unpadded 1-D tensors, since the
+generation backend pads them its own way), `reward_records`, `image_counts` (images per prompt), and
+the images as above.
 """
 
 from __future__ import annotations
@@ -62,6 +66,28 @@ class DataCollator:
             batch[f"{prefix}input_ids"] = _pad(rows, length, self.pad_token_id)
             batch[f"{prefix}labels"] = _pad([item[f"{prefix}labels"] for item in items], length, IGNORE_INDEX)
             batch[f"{prefix}attention_mask"] = _pad([torch.ones_like(row) for row in rows], length, 0)
+        with_images = [item for item in items if "pixel_values" in item]
+        if with_images:
+            batch["pixel_values"] = _concat_pixel_values([item["pixel_values"] for item in with_images])
+            batch["image_sizes"] = torch.cat([item["image_sizes"] for item in with_images])
+        return batch
+
+
+@dataclass(frozen=True)
+class PromptCollator:
+    """Batches GRPO prompt items (see module docstring)."""
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty list of items")
+        if not all("reward_record" in item for item in items):
+            raise ValueError("PromptCollator batches GRPO prompt records (with 'answer'); got other items")
+        batch: dict[str, Any] = {
+            "sample_ids": [str(item["id"]) for item in items],
+            "prompt_ids": [item["input_ids"] for item in items],
+            "reward_records": [item["reward_record"] for item in items],
+            "image_counts": [len(item["pixel_values"]) if "pixel_values" in item else 0 for item in items],
+        }
         with_images = [item for item in items if "pixel_values" in item]
         if with_images:
             batch["pixel_values"] = _concat_pixel_values([item["pixel_values"] for item in with_images])

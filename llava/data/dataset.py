@@ -2,7 +2,8 @@
 
 Items follow docs/CONTRACTS.md §3: `id`, `input_ids`/`labels` (1-D long tensors; the conversation, or
 prompt+chosen for preference records), `rejected_input_ids`/`rejected_labels` (preference records only),
-and for records with images `pixel_values` (whatever the image processor returns for the record's
+GRPO prompt records give `input_ids` (the prompt up to the assistant header, nothing supervised) and
+`reward_record` (the ground truth, `PromptRecord.reward_fields`); and for records with images `pixel_values` (whatever the image processor returns for the record's
 images, `[n_images, 3, H, W]` for square models) and `image_sizes` (`[n_images, 2]`, original h, w).
 Both sides of a preference pair share one `pixel_values`, so images are encoded once per pair.
 
@@ -29,9 +30,9 @@ from transformers import PreTrainedTokenizerBase
 
 from llava.data.errors import RecordError
 from llava.data.images import load_image, probe_image
-from llava.data.records import ConversationRecord, PreferenceRecord, Record
+from llava.data.records import ConversationRecord, PreferenceRecord, PromptRecord, Record
 from llava.data.templates import get_template
-from llava.data.tokenization import tokenize_conversation, tokenize_preference
+from llava.data.tokenization import tokenize_conversation, tokenize_preference, tokenize_prompt_within
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +91,19 @@ class MultimodalDataset(Dataset):
                 record.turns, self.tokenizer, self.template, counts, self.model_max_length, **common
             )
             return {"input_ids": input_ids, "labels": labels}
+        if isinstance(record, PromptRecord):
+            ids = tokenize_prompt_within(
+                record.prompt, self.tokenizer, self.template, counts, self.model_max_length, **common
+            )
+            return {"input_ids": ids}
         raise TypeError(f"unsupported record type {type(record).__name__}")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         images = self._load_images(record)
         item: dict[str, Any] = {"id": record.id}
+        if isinstance(record, PromptRecord):
+            item["reward_record"] = record.reward_fields()
         sizes = [(image.height, image.width) for image in images]
         for key, ids in self._tokenize(record, sizes).items():
             item[key] = torch.tensor(ids, dtype=torch.long)

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,21 +199,32 @@ def _parse_indices(
     return records
 
 
+def raw_record_kind(record: Any) -> str:
+    """ "preference" with `chosen`, "prompt" (GRPO) with `prompt` or `answer` and no `chosen`, else
+    "conversation"."""
+    if not isinstance(record, dict):
+        return "conversation"
+    if "chosen" in record:
+        return "preference"
+    return "prompt" if "prompt" in record or "answer" in record else "conversation"
+
+
 def file_record_kind(raw: list[Any], path: str) -> str:
-    """The kind most of a file's raw records have: "preference" with `chosen`, else "conversation".
+    """The kind most of a file's raw records have (`raw_record_kind`).
 
     Decided over every record, so one bad record is reported as what it lacks instead of turning the
-    file into the other kind; an even split refuses, naming both counts.
+    file into another kind; a tie for the most refuses, naming the counts.
     """
-    preference = sum(1 for record in raw if isinstance(record, dict) and "chosen" in record)
-    conversation = len(raw) - preference
-    if preference == conversation:
+    counts = Counter(raw_record_kind(record) for record in raw)
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        listed = ", ".join(f"{n} {kind}" for kind, n in ranked)
         raise DataFileError(
             path,
-            f"{preference} records have 'chosen' (preference) and {conversation} do not (conversation); "
-            "a file holds one kind",
+            f"records of several kinds in equal numbers ({listed}; preference records have 'chosen', "
+            "GRPO prompt records 'prompt' and 'answer'); a file holds one kind",
         )
-    return "preference" if preference > conversation else "conversation"
+    return ranked[0][0]
 
 
 def load_records(
@@ -224,7 +236,7 @@ def load_records(
 ) -> list[Record]:
     """Load and validate records from a .json/.jsonl file or a YAML mixture (see module docstring).
 
-    `kind` is "conversation" or "preference"; `seed` drives `random:N` sampling. An invalid record
+    `kind` is "conversation", "preference" or "prompt"; `seed` drives `random:N` sampling. An invalid record
     raises its `RecordError`, unless an `errors` list is given: then every invalid record's error is
     appended to it and the valid records are returned (the caller decides what to do with them).
     """

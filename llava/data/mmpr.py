@@ -1,4 +1,4 @@
-"""MMPR-v1.2 converter: ``meta.json`` + annotation jsonl → a DPO json and an SFT json with shared ids.
+"""MMPR-v1.2 converter: ``meta.json`` + annotation jsonl → DPO, SFT and GRPO jsons with shared ids.
 
 Follows the Stage-2 data of Song et al. 2025 ("RL makes MLLMs see better than SFT", arXiv
 2510.16333) and PIVOT's MMPR sampler (seed 777, 20K samples, token limit 1500 on prompt + chosen,
@@ -6,6 +6,9 @@ single-image items), with the record formats of DESIGN §3 / docs/CONTRACTS.md �
 
 - DPO (LLaVA-NeXT): ``{"id", "image"?, "prompt", "chosen", "rejected", "meta"}``
 - SFT (LLaVA): ``{"id", "image"?, "conversations": [human: prompt, gpt: chosen], "meta"}``
+- GRPO (issue 16): ``{"id", "image"?, "prompt", "answer", "answer_format", "box"?, "meta"}`` for the
+  sampled items whose ground truth can be derived (``llava.data.mmpr_answers``: multiple choice,
+  numbers, short answers); the others are counted and listed by id and reason under ``grpo`` in the report.
 
 Both files hold the same samples in the same order with the same ids, and every written record fits
 training's ``model_max_length`` on both sides, so SFT and DPO train on identical data. Pipeline:
@@ -52,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from llava.data.mmpr_answers import grpo_records
 from llava.data.mmpr_filters import (
     FILTERS,
     REASONING_TAGS,
@@ -78,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 DPO_FILENAME = "mmpr_dpo.json"
 SFT_FILENAME = "mmpr_sft.json"
+GRPO_FILENAME = "mmpr_grpo.json"
 REPORT_FILENAME = "mmpr_report.json"
 TOKEN_BATCH = 1024
 
@@ -174,6 +179,7 @@ class MMPRConversion:
     sft: list[dict[str, Any]]
     skipped: list[Issue]
     report: dict[str, Any]
+    grpo: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FitCheck(Protocol):
@@ -394,11 +400,13 @@ def convert_mmpr(cfg: MMPRConfig) -> MMPRConversion:
         "training_check": _training_check(cfg),
         "excluded": [issue.to_json() for issue in excluded],
     }
+    grpo, report["grpo"] = grpo_records(selected)
     return MMPRConversion(
         dpo=[to_dpo_record(item) for item in selected],
         sft=[to_sft_record(item) for item in selected],
         skipped=issues,
         report=report,
+        grpo=grpo,
     )
 
 
@@ -408,14 +416,17 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def write_conversion(conversion: MMPRConversion, dpo_out: str | Path, sft_out: str | Path) -> dict[str, Path]:
-    """Write the DPO and SFT json, and next to the DPO json the report (and skipped lines, if any run
-    was allowed to skip). Returns the written paths; the report records them under ``outputs``."""
+    """Write the DPO and SFT json, and next to the DPO json the GRPO json and the report (and skipped
+    lines, if any run was allowed to skip). Returns the written paths; the report records them under
+    ``outputs``."""
     dpo_out, sft_out = Path(dpo_out), Path(sft_out)
-    paths = {"dpo": dpo_out, "sft": sft_out, "report": dpo_out.parent / REPORT_FILENAME}
+    paths = {"dpo": dpo_out, "sft": sft_out, "grpo": dpo_out.parent / GRPO_FILENAME}
+    paths["report"] = dpo_out.parent / REPORT_FILENAME
     if conversion.report["settings"]["skip_missing"]:
         paths["skipped"] = dpo_out.parent / SKIPPED_FILENAME
     _write_json(dpo_out, conversion.dpo)
     _write_json(sft_out, conversion.sft)
+    _write_json(paths["grpo"], conversion.grpo)
     if "skipped" in paths:
         lines = [json.dumps(issue.to_json(), ensure_ascii=False) + "\n" for issue in conversion.skipped]
         paths["skipped"].write_text("".join(lines), encoding="utf-8")
@@ -449,6 +460,8 @@ def format_summary(report: dict[str, Any]) -> str:
         f"sampled {sampled['total']}: {sampled['single_image']} single-image, {sampled['multi_image']} "
         f"multi-image, {sampled['text_only']} text-only, {sampled['long_or_tagged']} long or tagged"
     )
+    grpo = report["grpo"]
+    lines.append(f"GRPO: {grpo['written']} with an answer {grpo['by_format']}, {grpo['no_answer']} without")
     if report["excluded"]:
         lines.append(f"{len(report['excluded'])} excluded candidates, each with its reason, under 'excluded'")
     if not report["sampling"]["token_counts_complete"]:

@@ -200,13 +200,13 @@ def item_issue(item: MMPRItem, kind: str, reason: str) -> Issue:
     return Issue(kind, item.dataset, item.annotation, item.line, reason)
 
 
-def _image_field(item: MMPRItem) -> dict[str, Any]:
+def image_field(item: MMPRItem) -> dict[str, Any]:
     if not item.images:
         return {}
     return {"image": item.images[0] if len(item.images) == 1 else list(item.images)}
 
 
-def _meta(item: MMPRItem) -> dict[str, Any]:
+def record_meta(item: MMPRItem) -> dict[str, Any]:
     return {"source_dataset": item.dataset, "source_line": item.line, **item.extra}
 
 
@@ -214,15 +214,15 @@ def to_dpo_record(item: MMPRItem) -> dict[str, Any]:
     """LLaVA-NeXT preference record ``{"id", "image"?, "prompt", "chosen", "rejected", "meta"}``."""
     return {
         "id": item.id,
-        **_image_field(item),
+        **image_field(item),
         "prompt": item.prompt,
         "chosen": item.chosen,
         "rejected": item.rejected,
-        "meta": _meta(item),
+        "meta": record_meta(item),
     }
 
 
 def to_sft_record(item: MMPRItem) -> dict[str, Any]:
     """LLaVA conversation record with the chosen response as the assistant turn."""
     conversations = [{"from": "human", "value": item.prompt}, {"from": "gpt", "value": item.chosen}]
-    return {"id": item.id, **_image_field(item), "conversations": conversations, "meta": _meta(item)}
+    return {"id": item.id, **image_field(item), "conversations": conversations, "meta": record_meta(item)}

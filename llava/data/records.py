@@ -1,11 +1,14 @@
 """Record schemas and their validation (DESIGN §3, docs/CONTRACTS.md §3).
 
-Two record kinds, parsed from raw JSON dicts:
+Three record kinds, parsed from raw JSON dicts:
 
 - conversation (LLaVA SFT format): `{"id", "image"?: str | list[str],
   "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`
 - preference (LLaVA-NeXT DPO format): `{"id", "image"?: str | list[str], "prompt", "chosen", "rejected",
   "meta"?: dict}`
+- prompt (GRPO, issue 16): `{"id", "image"?, "prompt", "answer", "answer_format"?, "box"?, "meta"?}`: the
+  ground truth the verifiable rewards (llava.train.rewards) check; `answer_format` is one of
+  `multiple_choice`, `number`, `short` (default), `box` an `[x0, y0, x1, y1]` for grounding questions.
 
 Rules, each failure raising a `llava.data.errors.RecordError` subclass that names file and id:
 
@@ -73,7 +76,36 @@ class PreferenceRecord:
         return [self.prompt]
 
 
-Record = ConversationRecord | PreferenceRecord
+@dataclass(frozen=True)
+class PromptRecord:
+    """One GRPO prompt with the ground truth its sampled completions are rewarded against."""
+
+    id: str
+    images: list[str]
+    prompt: str
+    answer: str
+    answer_format: str = "short"
+    box: list[float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def human_texts(self) -> list[str]:
+        return [self.prompt]
+
+    def reward_fields(self) -> dict[str, Any]:
+        """What a reward function sees of this record (llava.train.rewards): meta, then the ground truth."""
+        return {
+            **self.meta,
+            "id": self.id,
+            "answer": self.answer,
+            "answer_format": self.answer_format,
+            "box": self.box,
+        }
+
+
+Record = ConversationRecord | PreferenceRecord | PromptRecord
+ANSWER_FORMATS = ("multiple_choice", "number", "short")
 
 
 def default_record_id(source: str, index: int) -> str:
@@ -208,11 +240,58 @@ def parse_preference_record(
     )
 
 
-RECORD_PARSERS = {"conversation": parse_conversation_record, "preference": parse_preference_record}
+def parse_prompt_record(raw: Any, source: str, index: int, image_folder: str | None = None) -> PromptRecord:
+    """Validate a raw GRPO prompt dict (see module docstring) and return the record."""
+    raw = _require_mapping(raw, source, index)
+    record_id = _record_id(raw, source, index)
+    images = _parse_images(raw, source, record_id, image_folder)
+    prompt = _require_string(raw, "prompt", source, record_id)
+    if "answer" not in raw or raw["answer"] is None:
+        raise MissingKeyError(
+            source,
+            record_id,
+            "missing key 'answer' (the ground truth a GRPO reward checks completions against)",
+        )
+    answer = raw["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+        raise MalformedRecordError(
+            source, record_id, f"'answer' must be a non-empty string or a number, got {answer!r}"
+        )
+    answer_format = raw.get("answer_format", "short")
+    if answer_format not in ANSWER_FORMATS:
+        raise MalformedRecordError(
+            source, record_id, f"'answer_format' {answer_format!r}: choose one of {ANSWER_FORMATS}"
+        )
+    box = raw.get("box")
+    if box is not None and (
+        not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int | float) for v in box)
+    ):
+        raise MalformedRecordError(source, record_id, f"'box' must be [x0, y0, x1, y1], got {box!r}")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, Mapping):
+        raise MalformedRecordError(source, record_id, "'meta' must be an object")
+    prompt = _with_image_placeholders(prompt, [prompt], len(images), source, record_id)
+    return PromptRecord(
+        id=record_id,
+        images=images,
+        prompt=prompt,
+        answer=str(answer),
+        answer_format=answer_format,
+        box=None if box is None else [float(v) for v in box],
+        meta=dict(meta),
+        source=source,
+    )
+
+
+RECORD_PARSERS = {
+    "conversation": parse_conversation_record,
+    "preference": parse_preference_record,
+    "prompt": parse_prompt_record,
+}
 
 
 def parse_record(raw: Any, source: str, index: int, kind: str, image_folder: str | None = None) -> Record:
-    """Parse one raw dict as `kind` ("conversation" or "preference")."""
+    """Parse one raw dict as `kind` ("conversation", "preference" or "prompt")."""
     if kind not in RECORD_PARSERS:
         raise ValueError(f"unknown record kind {kind!r}; choose one of {sorted(RECORD_PARSERS)}")
     return RECORD_PARSERS[kind](raw, source, index, image_folder)

@@ -130,6 +130,22 @@ def tokenize_prompt(
     return ids
 
 
+def tokenize_prompt_within(
+    human: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate | str,
+    image_token_counts: Sequence[int],
+    model_max_length: int,
+    *,
+    record_id: str = UNKNOWN,
+    source: str = UNKNOWN,
+) -> list[int]:
+    """`tokenize_prompt`, refusing a prompt that leaves no room in `model_max_length` for a completion."""
+    ids = tokenize_prompt(human, tokenizer, template, image_token_counts, record_id=record_id, source=source)
+    _check_length(len(ids) + 1, sum(image_token_counts), model_max_length, "prompt", source, record_id)
+    return ids
+
+
 def tokenize_conversation(
     turns: Sequence[tuple[str, str]],
     tokenizer: PreTrainedTokenizerBase,

@@ -24,7 +24,9 @@ import torch
 import transformers
 
 from llava.model.stage3 import REUSE_CHOICES
-from llava.train.losses import LOSSES, PREFERENCE_LOSSES
+from llava.train.generation import BACKENDS
+from llava.train.grpo import NORMALISATIONS
+from llava.train.losses import LOSS_TYPES, PREFERENCE_LOSSES
 from llava.train.param_groups import parse_tunable_parts
 
 logger = logging.getLogger(__name__)
@@ -131,9 +133,13 @@ class DataArguments:
 
 @dataclass
 class PivotTrainingArguments(transformers.TrainingArguments):
-    loss_type: str = field(default="dpo", metadata={"help": f"One of {sorted(LOSSES)}."})
+    loss_type: str = field(default="dpo", metadata={"help": f"One of {sorted(LOSS_TYPES)}."})
     beta: float = field(
-        default=0.1, metadata={"help": "KL strength β of the preference losses (paper: 0.1)."}
+        default=0.1,
+        metadata={
+            "help": "KL strength β of the preference losses (paper: 0.1); for grpo the k3 KL weight to a "
+            "frozen copy of the starting model (0: no reference)."
+        },
     )
     dpo_alpha: float = field(default=1.0, metadata={"help": "Weight of the preference loss (PIVOT: 1.0)."})
     gamma: float = field(
@@ -180,6 +186,41 @@ class PivotTrainingArguments(transformers.TrainingArguments):
             "removed (llava.train.run_dir). Without it such a directory resumes only a run of the same settings."
         },
     )
+    num_generations: int = field(default=8, metadata={"help": "GRPO: completions sampled per prompt (G)."})
+    max_completion_length: int = field(default=256, metadata={"help": "GRPO: max new tokens per completion."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "GRPO: sampling temperature (also scales logits)."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "GRPO: nucleus sampling mass."})
+    epsilon: float = field(default=0.2, metadata={"help": "GRPO: lower clip range ε of the ratio."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "GRPO: upper clip range (DAPO's clip-higher; default: epsilon)."}
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "GRPO: optimizer steps per generation batch (μ; 1 = on-policy)."}
+    )
+    loss_normalization: str = field(
+        default="dapo",
+        metadata={
+            "help": f"GRPO loss normalisation, named by paper: one of {NORMALISATIONS} (llava.train.grpo)."
+        },
+    )
+    scale_rewards: bool | None = field(
+        default=None,
+        metadata={"help": "GRPO: divide advantages by the group std (default: yes, except for dr_grpo)."},
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact_match", "format"],
+        metadata={
+            "help": "GRPO reward functions (llava.train.rewards.REWARDS), summed with --reward_weights."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "GRPO: one weight per reward function (default: all 1)."}
+    )
+    generation_backend: str = field(
+        default="hf", metadata={"help": f"GRPO sampling backend: one of {sorted(BACKENDS)}."}
+    )
     export_encoder: bool = field(
         default=True,
         metadata={
@@ -189,16 +230,18 @@ class PivotTrainingArguments(transformers.TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"--loss_type {self.loss_type!r}: choose one of {sorted(LOSSES)}.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"--loss_type {self.loss_type!r}: choose one of {sorted(LOSS_TYPES)}.")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"--reference {self.reference!r}: choose one of {REFERENCE_MODES}.")
         if self.loss_type in PREFERENCE_LOSSES and self.reference == "none":
             raise ValueError(
                 f"--loss_type {self.loss_type} needs reference log-probs: --reference precomputed or live."
             )
-        if self.beta <= 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}.")
+        if self.beta < 0 or (self.beta == 0 and self.loss_type != "grpo"):
+            raise ValueError(f"--beta must be > 0 (≥ 0 for grpo), got {self.beta}.")
+        if self.loss_type == "grpo":
+            self.check_grpo_options()
         parse_tunable_parts(self.mm_tunable_parts)
         weights = [float(w) for w in self.mpo_weights.split(",")]
         if len(weights) != 3:
@@ -207,6 +250,38 @@ class PivotTrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--bco_delta {self.bco_delta!r}: choose one of {BCO_DELTAS}.")
         self.check_unused_options()
         self.remove_unused_columns = False
+
+    def check_grpo_options(self) -> None:
+        """Fail fast on GRPO settings the run cannot honour."""
+        if self.loss_normalization not in NORMALISATIONS:
+            raise ValueError(
+                f"--loss_normalization {self.loss_normalization!r}: choose one of {NORMALISATIONS}."
+            )
+        if self.generation_backend not in BACKENDS:
+            raise ValueError(
+                f"--generation_backend {self.generation_backend!r}: choose one of {sorted(BACKENDS)}."
+            )
+        if self.num_iterations < 1:
+            raise ValueError(f"--num_iterations must be ≥ 1, got {self.num_iterations}.")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                f"--reward_funcs {self.reward_funcs}."
+            )
+        if self.eval_strategy != "no":
+            raise ValueError(
+                f"--eval_strategy {self.eval_strategy} with --loss_type grpo: GRPO has no evaluation loss (its "
+                "completions are sampled per training step); evaluate checkpoints with scripts/eval instead."
+            )
+        if (
+            self.num_iterations > 1
+            and self.save_strategy == "steps"
+            and self.save_steps % self.num_iterations
+        ):
+            raise ValueError(
+                f"--save_steps {self.save_steps} must be a multiple of --num_iterations {self.num_iterations}: a "
+                "checkpoint inside one generation batch's reuse could not resume it."
+            )
 
     def check_unused_options(self) -> None:
         """Refuse options that would change nothing but look as if they changed the loss; warn about the
@@ -226,11 +301,11 @@ class PivotTrainingArguments(transformers.TrainingArguments):
         changed = {
             f.name for f in fields(self) if f.name in loss_options and getattr(self, f.name) != f.default
         }
-        if self.loss_type == "sft" and {"dpo_alpha", "gamma"} & changed:
+        if self.loss_type in ("sft", "grpo") and {"dpo_alpha", "gamma"} & changed:
             raise ValueError(
-                f"--loss_type sft with --dpo_alpha {self.dpo_alpha} --gamma {self.gamma}: these weight the "
-                "preference loss and the SFT term added to it, and a plain SFT run has neither. Drop them, or "
-                "use a preference --loss_type (e.g. dpo with --gamma for DPO + SFT)."
+                f"--loss_type {self.loss_type} with --dpo_alpha {self.dpo_alpha} --gamma {self.gamma}: these "
+                f"weight the preference loss and the SFT term added to it, and a {self.loss_type} run has "
+                "neither. Drop them, or use a preference --loss_type (e.g. dpo with --gamma for DPO + SFT)."
             )
         ignored = ["beta"] if self.loss_type == "sft" and "beta" in changed else []
         ignored += [n for n in ("mpo_weights", "bco_delta") if self.loss_type != "mpo" and n in changed]

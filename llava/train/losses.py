@@ -153,3 +153,5 @@ LOSSES: dict[str, LossFn] = {
 }
 
 PREFERENCE_LOSSES = frozenset(name for name in LOSSES if name != "sft")
+ONLINE_LOSSES = frozenset({"grpo"})  # sampled completions, no fixed responses (llava.train.grpo_step)
+LOSS_TYPES = frozenset(LOSSES) | ONLINE_LOSSES

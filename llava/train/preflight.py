@@ -68,6 +68,17 @@ IDENTITY_TRAINING_ARGS = (
     "max_grad_norm",
     "bf16",
     "fp16",
+    "num_generations",  # GRPO (llava.train.grpo_step)
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "epsilon",
+    "epsilon_high",
+    "num_iterations",
+    "loss_normalization",
+    "scale_rewards",
+    "reward_funcs",
+    "reward_weights",
 )
 
 

@@ -18,8 +18,9 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
+from llava.data.records import ANSWER_FORMATS
+
 RewardFn = Callable[[list[str], list[dict]], list[float]]
-ANSWER_FORMATS = ("multiple_choice", "number", "short")
 NUMBER_TOLERANCE = 1e-6
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
@@ -30,15 +31,21 @@ _ARTICLES = {"a", "an", "the"}
 _THINK = re.compile(r"^<think>.*?</think>\s*\S", re.DOTALL)
 
 
-def extract_answer(completion: str) -> str:
-    """The final answer of a completion (see the module docstring), stripped."""
+def explicit_answer(completion: str) -> str | None:
+    """The last `\\boxed{X}`, else the last "the answer is X", stripped; None without either."""
     boxed = _BOXED.findall(completion)
     if boxed:
         return boxed[-1].strip()
     found = _ANSWER_IS.findall(completion)
     if found:
         return found[-1].strip()
-    return completion.strip()
+    return None
+
+
+def extract_answer(completion: str) -> str:
+    """The final answer of a completion (see the module docstring), stripped."""
+    explicit = explicit_answer(completion)
+    return completion.strip() if explicit is None else explicit
 
 
 def _normalise_text(text: str) -> str:
@@ -46,12 +53,12 @@ def _normalise_text(text: str) -> str:
     return " ".join(w for w in words if w not in _ARTICLES)
 
 
-def _choice(text: str) -> str | None:
+def choice_letter(text: str) -> str | None:
     match = _CHOICE.match(text.strip())
     return match.group(1).upper() if match else None
 
 
-def _number(text: str) -> float | None:
+def parse_number(text: str) -> float | None:
     text = text.strip().rstrip(".").replace(",", "")
     return float(text) if _NUMBER.match(text) else None
 
@@ -61,10 +68,10 @@ def answers_match(
 ) -> bool:
     """Whether an extracted answer equals the ground truth under `answer_format`."""
     if answer_format == "multiple_choice":
-        guess, gold = _choice(predicted), _choice(truth)
+        guess, gold = choice_letter(predicted), choice_letter(truth)
         return guess is not None and guess == gold
     if answer_format == "number":
-        guess, gold = _number(predicted), _number(truth)
+        guess, gold = parse_number(predicted), parse_number(truth)
         if guess is None or gold is None:
             return False
         return math.isclose(guess, gold, rel_tol=tolerance, abs_tol=tolerance)

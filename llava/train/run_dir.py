@@ -49,6 +49,7 @@ RUN_FILES = (
     "skipped_records.jsonl",
     "export.json",
     "adapter_config.json",
+    "completions.jsonl",
     IDENTITY_FILE,
 )
 RUN_DIRS = ("vision_encoder", "projector", "lora_base")

@@ -33,7 +33,7 @@ import transformers
 from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
-from llava.data.collator import DataCollator
+from llava.data.collator import DataCollator, PromptCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
 from llava.data.mixture import load_records_of_their_kind, refuse_duplicate_ids
@@ -107,6 +107,11 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
     if train_args.loss_type in PREFERENCE_LOSSES and kind != "preference":
         raise ValueError(
             f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
+        )
+    if (train_args.loss_type == "grpo") != (kind == "prompt"):
+        raise ValueError(
+            f"--loss_type {train_args.loss_type} with {data_args.data_path}, which has {kind} records: GRPO reads "
+            "prompt records with an 'answer' (e.g. the MMPR converter's mmpr_grpo.json), and only GRPO reads them."
         )
     dataset = MultimodalDataset(
         records,
@@ -280,6 +285,12 @@ def zero_stage(deepspeed: str | dict | None) -> int:
 def check_reference_mode(train_args: PivotTrainingArguments) -> None:
     """Refuse a live reference under ZeRO-3: it would be a full, unpartitioned copy of the model on every
     GPU (only the policy goes through the DeepSpeed engine), defeating ZeRO-3's memory savings."""
+    if train_args.loss_type == "grpo" and train_args.beta > 0 and zero_stage(train_args.deepspeed) == 3:
+        raise ValueError(
+            f"--loss_type grpo --beta {train_args.beta} keeps a full frozen copy of the model on every GPU for the "
+            f"KL term, but the DeepSpeed config {train_args.deepspeed} is ZeRO-3, chosen to partition it. Use "
+            "--beta 0 (no KL term, as DAPO and Dr. GRPO), or a ZeRO-2 config (--deepspeed scripts/zero2.json)."
+        )
     live = train_args.loss_type in PREFERENCE_LOSSES and train_args.reference == "live"
     if live and zero_stage(train_args.deepspeed) == 3:
         raise ValueError(
@@ -320,7 +331,7 @@ def train_model(
         logger.info("trainable parameters per part: %s", counts)
     model.config.pivot_loss_type = train_args.loss_type
     dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
-    collator = DataCollator(tokenizer.pad_token_id)
+    collator = PromptCollator() if train_args.loss_type == "grpo" else DataCollator(tokenizer.pad_token_id)
     if lora_args is not None and lora_args.lora_enable:
         model = prepare_lora(
             model,
@@ -342,6 +353,7 @@ def train_model(
         data_collator=collator,
         processing_class=tokenizer,
         ref_logps=ref,
+        conv_template=data_args.conv_template,
     )
     if train_args.export_encoder:
         trainer.add_callback(EncoderExportCallback(image_processor, train_args.loss_type))

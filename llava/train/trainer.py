@@ -1,4 +1,4 @@
-"""The one trainer for Stage 1, Stage 2 (SFT, DPO, IPO, hinge, MPO) and Stage 3 on `transformers.Trainer`.
+"""The one trainer for Stage 1, Stage 2 (SFT, DPO, IPO, hinge, MPO, GRPO) and Stage 3 on `transformers.Trainer`.
 
 Only the loss differs between an SFT and a DPO run: both read one dataset class through one
 `MatchedSampler` (llava.train.sampling), with the same batch size and number of steps, and log the
@@ -21,6 +21,10 @@ Normalisation across gradient accumulation and processes is done here (`loss_is_
 Logged every `logging_steps`: loss parts, rewards/{chosen,rejected,margins,accuracies},
 logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides of a pair).
 
+GRPO (`--loss_type grpo`): `get_batch_samples` hands each optimizer step's micro-batches of prompts to
+llava.train.grpo_step, which samples, rewards and scores the completions before the step's forward and
+backward passes; its sampling RNG is saved in every checkpoint and restored on resume.
+
 Resume: `save_pretrained` writes Llava checkpoints with the original (pre-4.52) key names, which
 `Trainer._load_from_checkpoint` loads with a raw non-strict `load_state_dict`, so no weight matched and
 a resumed run silently went on from the initial weights (transformers#43701). Checkpoint keys are
@@ -41,9 +45,11 @@ from collections import defaultdict
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 
+from llava.data.templates import get_template
 from llava.file_checks import check_safetensors_in
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.checkpoints import staged_checkpoint
+from llava.train.grpo_step import GRPOStep
 from llava.train.logps import chosen_logps, pair_logps
 from llava.train.lora import adapters_disabled, load_adapter_checkpoint, peft_model_of, save_lora_extras
 from llava.train.losses import LOSSES, PREFERENCE_LOSSES, LossConfig, PairStats, batch_reward_mean
@@ -59,7 +65,13 @@ logger = logging.getLogger(__name__)
 class PivotTrainer(Trainer):
     """`Trainer` whose only per-run difference is `args.loss_type` (see module docstring)."""
 
-    def __init__(self, *args, ref_logps: dict[str, tuple[float, float]] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        ref_logps: dict[str, tuple[float, float]] | None = None,
+        conv_template: str = "qwen_1_5",
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True
         # Set per optimizer step by Trainer's loop; this default serves compute_loss calls outside train().
@@ -91,6 +103,11 @@ class PivotTrainer(Trainer):
         self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
         self.param_group_specs = []
         self.add_callback(_StepEndCallback(self))
+        self.grpo = (
+            GRPOStep(self, get_template(conv_template).reply_suffix)
+            if self.args.loss_type == "grpo"
+            else None
+        )
 
     # ---- data -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler:
@@ -103,12 +120,20 @@ class PivotTrainer(Trainer):
             )
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self.matched_sampler = MatchedSampler(ids, seed)
-        return self.matched_sampler
+        return self.grpo.wrap_sampler(self.matched_sampler) if self.grpo else self.matched_sampler
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.grpo is not None and batches:
+            return self.grpo.prepare(batches, self.state.global_step)
+        return batches, num_items_in_batch
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.bco_running_mean is not None:
             self.bco_running_mean = RunningMean.load(resume_from_checkpoint)
+        if self.grpo is not None:
+            self.grpo.load(resume_from_checkpoint)
         model = model if model is not None else self.model
         if peft_model_of(model) is not None:
             load_adapter_checkpoint(model, resume_from_checkpoint)
@@ -144,6 +169,8 @@ class PivotTrainer(Trainer):
             for callback in self.callback_handler.callbacks:
                 if isinstance(callback, EncoderExportCallback):
                     callback.export(self.model, folder, self.args, self.state, source=final)
+            if self.grpo is not None:  # every process saves its own sampling RNG
+                self.grpo.save(folder)
 
     # ---- optimizer ------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -168,6 +195,9 @@ class PivotTrainer(Trainer):
         ids = inputs.pop("sample_ids")
         if model.training:
             self._step_ids.extend(ids)
+        if self.grpo is not None:
+            loss = self.grpo.loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
         loss_type = self.args.loss_type
         tokens = int(inputs["attention_mask"].sum())
         with self.accelerator.autocast():  # a no-op unless --bf16/--fp16 without DeepSpeed
@@ -259,6 +289,8 @@ class PivotTrainer(Trainer):
             logs["samples/s"] = totals[-2].item() / elapsed
             logs["tokens/s"] = totals[-1].item() / elapsed
             self._metrics.clear()
+            if self.grpo is not None:
+                self.grpo.write_table(self.state.global_step)
             self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
         super().log(logs, start_time)
 
@@ -291,6 +323,8 @@ class _StepEndCallback(TrainerCallback):
             self.trainer.matched_sampler.set_epoch(math.floor(state.epoch or 0.0))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.grpo is not None:
+            self.trainer.grpo.step_ended()
         ids = self.trainer.flush_step_ids()
         if state.is_world_process_zero:
             self.trainer.sample_log.append(state.global_step, round(state.epoch or 0.0, 6), ids)

@@ -1,0 +1,442 @@
+"""GRPO training-step time, sampling time and peak memory: pivot vs TRL 1.16 `GRPOTrainer`, in one run.
+
+Issue 16's benchmark. The vision-heavy tiny MLLM of `benchmarks/dpo_step.py` (a SigLIP tower wider and
+deeper than the LLM, 256 tokens per image → `mlp2x_gelu` → a tiny Qwen2, saved as a plain HF
+checkpoint), the same synthetic-world prompts (the MMPR converter's GRPO json), the same number of
+prompts per step, G = 8 completions each of `--max_completion_length` tokens (temperature 1, top-p 1,
+top-k off), the same rewards (exact match + format, llava.train.rewards), β 0 (no reference), the
+`dapo` normalisation, μ 1, AdamW with a constant LR and grad-norm clip 1.0, fp32, for:
+
+  (a) `PivotTrainer --loss_type grpo`: each prompt's image encoded once for sampling (the G samples
+      share it through `inputs_embeds`) and once for scoring its G completions;
+  (b) the same with `share_image_encoding False`: scoring encodes the image once per completion;
+  (c) TRL's `GRPOTrainer` with a `LlavaProcessor` (the `qwen_1_5` chat template): `generate` with
+      `pixel_values` runs the tower in the prefill of each of the G rows, and scoring encodes the
+      image once per completion.
+
+Each configuration runs in its own child process (a fresh model, `--repeats` rounds a, b, c, a, ...).
+Step time is the interval between consecutive `on_step_end`s (fetch, sampling, rewards, forward,
+backward, AdamW: pivot samples before `on_step_begin`, TRL inside the step, so begin→end would not
+compare). Sampling time is the image encoding plus `generate`: pivot's `timing/sampling_s`, TRL's
+`generate` calls timed. Peak memory: on CUDA `max_memory_allocated` above the loaded model, on CPU the
+child's peak RSS minus that of a load-only baseline child.
+
+Run: `python benchmarks/grpo_step.py` (`--quick` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.dpo_step import BenchSettings, _import_stack, model_sizes, prepare_assets  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+CONFIGS: dict[str, str] = {
+    "a": "PivotTrainer GRPO: image encoded once per group",
+    "b": "PivotTrainer GRPO: image encoded per completion for scoring",
+    "c": "TRL 1.16 GRPOTrainer",
+}
+BASELINE = "baseline"
+REWARDS = ("exact_match", "format")
+
+
+@dataclass
+class GRPOBenchSettings:
+    """Settings shared by every configuration (defaults: the full run)."""
+
+    prompts: int = 2
+    num_generations: int = 8
+    max_completion_length: int = 16
+    warmup: int = 1
+    steps: int = 4
+    learning_rate: float = 1e-6
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if min(self.prompts, self.max_completion_length, self.steps) < 1 or self.num_generations < 2:
+            raise ValueError(
+                "--prompts, --max_completion_length, --steps must be >= 1 and --num_generations >= 2"
+            )
+        if self.warmup < 0 or self.threads < 0:
+            raise ValueError("--warmup and --threads must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps
+
+    def model_settings(self) -> BenchSettings:
+        """dpo_step's model and data settings, with enough records for every step."""
+        return BenchSettings(batch_size=self.prompts, warmup=self.warmup, steps=self.steps, seed=self.seed)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+class _Timer:
+    """Consecutive `on_step_end` times and the time spent in sampling (CUDA synchronised)."""
+
+    def __init__(self, cuda: bool) -> None:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                timer.ends.append(timer.now())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.ends.append(timer.now())
+
+        self.cuda = cuda
+        self.ends: list[float] = []
+        self.sampling: list[float] = []
+        self.callback = Callback()
+
+    def now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = self.now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sampling.append(self.now() - start)
+
+        return timed
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def _common_args(s: GRPOBenchSettings, device: str, out: str) -> dict[str, Any]:
+    return {
+        "output_dir": out,
+        "max_steps": s.total_steps,
+        "learning_rate": s.learning_rate,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optim": "adamw_torch",
+        "gradient_checkpointing": False,  # TRL's GRPOConfig turns it on by default; pivot's runs here do not
+        "beta": 0.0,
+        "num_generations": s.num_generations,
+        "max_completion_length": s.max_completion_length,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "epsilon": 0.2,
+        "num_iterations": 1,
+        "gradient_accumulation_steps": 1,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": s.seed,
+        "use_cpu": device == "cpu",
+    }
+
+
+def _train_pivot(name, model, tokenizer, image_processor, records, s, device, timer, out):
+    from llava.data.collator import PromptCollator
+    from llava.data.dataset import MultimodalDataset
+    from llava.model.image_tokens import image_token_counter
+    from llava.train.args import PivotTrainingArguments
+    from llava.train.trainer import PivotTrainer
+
+    dataset = MultimodalDataset(
+        records, tokenizer, image_processor, "qwen_1_5", image_token_counter(model.config), 4096
+    )
+    args = PivotTrainingArguments(
+        **_common_args(s, device, out),
+        loss_type="grpo",
+        per_device_train_batch_size=s.prompts,
+        loss_normalization="dapo",
+        reward_funcs=list(REWARDS),
+        share_image_encoding=name == "a",
+    )
+    trainer = PivotTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PromptCollator(),
+        processing_class=tokenizer,
+        callbacks=[timer.callback],
+    )
+    loss = trainer.train().training_loss
+    history = trainer.state.log_history
+    timer.sampling = [row["timing/sampling_s"] for row in history if "timing/sampling_s" in row]
+    rewards = [row["reward"] for row in history if "reward" in row]
+    return {"train_loss": loss, "reward": statistics.fmean(rewards)}
+
+
+def _trl_reward(name: str):
+    from llava.train.rewards import REWARDS as REGISTRY
+
+    def reward(prompts, completions, answer, answer_format, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        records = [{"answer": a, "answer_format": f} for a, f in zip(answer, answer_format)]
+        return REGISTRY[name](texts, records)
+
+    reward.__name__ = name
+    return reward
+
+
+def _train_trl(model, tokenizer, image_processor, records, s, device, timer, out):
+    import datasets
+    from transformers import LlavaProcessor
+    from trl import GRPOConfig, GRPOTrainer
+
+    from llava.data.images import load_image
+    from llava.data.templates import IMAGE_PLACEHOLDER
+    from llava.model.chat_template import QWEN_1_5_CHAT_TEMPLATE
+
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        chat_template=QWEN_1_5_CHAT_TEMPLATE,
+    )
+    rows: dict[str, list] = {"prompt": [], "images": [], "answer": [], "answer_format": []}
+    for record in records:  # TRL's vision format: string prompts, images put before the first user message
+        rows["images"].append([load_image(path, record.id, record.source) for path in record.images])
+        text = record.prompt.replace(f"{IMAGE_PLACEHOLDER}\n", "")
+        rows["prompt"].append([{"role": "user", "content": text}])
+        rows["answer"].append(record.answer)
+        rows["answer_format"].append(record.answer_format)
+    args = GRPOConfig(
+        **_common_args(s, device, out),
+        per_device_train_batch_size=s.prompts * s.num_generations,
+        loss_type="dapo",
+        top_k=0,
+        shuffle_dataset=False,
+    )
+    model.generate = timer.wrap(model.generate)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[_trl_reward(name) for name in REWARDS],
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(rows),
+        processing_class=processor,
+        callbacks=[timer.callback],
+    )
+    loss = trainer.train().training_loss
+    rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
+    return {"train_loss": loss, "reward": statistics.fmean(rewards)}
+
+
+def run_config(name: str, assets: dict[str, str], s: GRPOBenchSettings) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from llava.data.mixture import load_records
+    from llava.model.builder import load_model
+    from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
+
+    _import_stack()
+    device = resolve_device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    transformers.set_seed(s.seed)
+    model, tokenizer, image_processor = load_model(assets["model"])
+    set_trainable_parts(model, parse_tunable_parts("mm_vision_tower,mm_mlp_adapter,mm_language_model"))
+    model.to(device)
+    records = load_records(assets["grpo"], assets["world"], "prompt", seed=s.seed)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    result: dict[str, Any] = {
+        "config": name,
+        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+        "threads": torch.get_num_threads(),
+    }
+    if name != BASELINE:
+        timer = _Timer(cuda)
+        with tempfile.TemporaryDirectory(prefix=f"grpo_step_{name}_") as out:
+            train = _train_trl if name == "c" else functools.partial(_train_pivot, name)
+            result.update(train(model, tokenizer, image_processor, records, s, device, timer, out))
+        steps = timer.step_times()
+        if len(steps) != s.total_steps:
+            raise RuntimeError(f"config {name}: timed {len(steps)} steps, expected {s.total_steps}")
+        result["step_s"] = steps[s.warmup :]
+        result["sampling_s"] = timer.sampling[s.warmup :]
+    if cuda:
+        result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _child(name: str, assets: dict[str, str], s: GRPOBenchSettings, workdir: Path) -> dict[str, Any]:
+    out = workdir / f"result_{name}.json"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--assets", json.dumps(assets)]
+    cmd += ["--child_out", str(out), *(f"--{f.name}={getattr(s, f.name)}" for f in fields(s))]
+    logger.info("running config %s: %s", name, CONFIGS.get(name, "baseline (load only)"))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return {
+            "config": name,
+            "error": lines[-1] if lines else f"exit {proc.returncode}",
+            "tail": lines[-25:],
+        }
+    return json.loads(out.read_text())
+
+
+def pool(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each configuration's runs merged: timed steps concatenated, the largest peak, mean loss and reward;
+    a configuration with a failed run reports that failure."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        by_name.setdefault(run["config"], []).append(run)
+    pooled: dict[str, dict[str, Any]] = {}
+    for name, group in by_name.items():
+        failed = [run for run in group if "error" in run]
+        if failed:
+            pooled[name] = failed[0]
+            continue
+        merged = {**group[0], "repeats": len(group)}
+        for key in ("step_s", "sampling_s"):
+            if key in merged:
+                merged[key] = [value for run in group for value in run[key]]
+        for key in ("max_rss_mb", "peak_mb"):
+            if key in merged:
+                merged[key] = max(run[key] for run in group)
+        for key in ("train_loss", "reward"):
+            if key in merged:
+                merged[key] = statistics.fmean(run[key] for run in group)
+        pooled[name] = merged
+    return pooled
+
+
+def summarise(results: dict[str, dict[str, Any]], s: GRPOBenchSettings, sizes: dict[str, int]) -> str:
+    baseline = results[BASELINE]
+
+    def memory(r):
+        return r["peak_mb"] if "peak_mb" in r else r["max_rss_mb"] - baseline["max_rss_mb"]
+
+    lines = [
+        f"device: {baseline['device_name']}, torch threads {baseline['threads']}, fp32; {s.prompts} prompts x "
+        f"G {s.num_generations} x {s.max_completion_length} tokens per step, {s.warmup} warm-up + {s.steps} "
+        "timed steps per run",
+        f"model: SigLIP {sizes['vision_params'] / 1e6:.2f}M params ({sizes['vision_layers_used']} layers used), "
+        f"projector {sizes['projector_params'] / 1e6:.2f}M, Qwen2 {sizes['llm_params'] / 1e6:.2f}M",
+        "memory: "
+        + (
+            "CUDA max_memory_allocated above the model"
+            if "peak_mb" in baseline
+            else "peak RSS minus a load-only baseline"
+        ),
+        "",
+        "| config | step (s, median) | sampling (s, median) | peak memory (MB) | mean reward | step / (a) "
+        "| sampling / (a) | memory / (a) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    a = results.get("a", {})
+    for name, title in CONFIGS.items():
+        r = results.get(name, {})
+        if "step_s" not in r:
+            lines.append(f"| ({name}) {title} | not run: {r.get('error', 'not selected')} | | | | | | |")
+            continue
+        step, sampling = statistics.median(r["step_s"]), statistics.median(r["sampling_s"])
+        ratios = ["n/a"] * 3
+        if "step_s" in a:
+            ratios = [
+                f"{step / statistics.median(a['step_s']):.2f}x",
+                f"{sampling / statistics.median(a['sampling_s']):.2f}x",
+                f"{memory(r) / memory(a):.2f}x",
+            ]
+        lines.append(
+            f"| ({name}) {title} | {step:.3f} | {sampling:.3f} | {memory(r):.0f} | {r['reward']:.3f} | "
+            + " | ".join(ratios)
+            + " |"
+        )
+    c = results.get("c", {})
+    if "step_s" in a and "step_s" in c:
+        speed = statistics.median(c["step_s"]) / statistics.median(a["step_s"])
+        verdict = "meets" if speed >= 1.5 and memory(c) > memory(a) else "MISSES"
+        lines += [
+            "",
+            f"(a) {verdict} the target vs TRL (>= 1.5x faster step, lower peak memory): {speed:.2f}x",
+        ]
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = GRPOBenchSettings()
+    for f in fields(GRPOBenchSettings):
+        value = getattr(defaults, f.name)
+        parser.add_argument(f"--{f.name}", type=type(value), default=value, help=f"(default: {value})")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 1 timed step, one round")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of a, b, c (steps pooled)")
+    parser.add_argument("--configs", default="a,b,c", help="comma-separated subset of a,b,c")
+    parser.add_argument("--workdir", default=None, help="keep model and data here (default: a temp dir)")
+    parser.add_argument("--json_out", default=None, help="also write every raw measurement to this file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--assets", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        args.warmup, args.steps, args.repeats = 1, 1, 1
+    s = GRPOBenchSettings(**{f.name: getattr(args, f.name) for f in fields(GRPOBenchSettings)})
+    if args.child:
+        result = run_config(args.child, json.loads(args.assets), s)
+        Path(args.child_out).write_text(json.dumps(result))
+        return {args.child: result}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if [c for c in configs if c not in CONFIGS] or args.repeats < 1:
+        raise SystemExit(f"--configs must be a subset of {sorted(CONFIGS)} and --repeats >= 1")
+    with tempfile.TemporaryDirectory(prefix="grpo_step_") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        assets = prepare_assets(workdir, s.model_settings())
+        assets["grpo"] = str(Path(assets["data"]).parent / "mmpr_grpo.json")
+        sizes = model_sizes(assets["model"])
+        runs = [_child(BASELINE, assets, s, workdir)]
+        for _ in range(args.repeats):
+            runs += [_child(name, assets, s, workdir) for name in configs]
+    results = pool(runs)
+    print(summarise(results, s, sizes))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"settings": vars(args), "runs": runs}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
