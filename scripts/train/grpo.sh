@@ -6,13 +6,16 @@
 # Every variable can be set from the environment; extra arguments are passed to
 # `python -m llava.train.train` (e.g. --max_steps 2).
 set -euo pipefail
+source "$(dirname "$0")/paths.sh"
+pivot_caller_paths CKPT_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED LLM_VERSION VISION_MODEL_VERSION
 cd "$(dirname "$0")/../.."
 
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
 VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
-RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
-# Stage-1 checkpoint to start from; if it does not exist, the model is built from the two versions above.
-CKPT_PATH=${CKPT_PATH:-runs/stage1_full/$RUN_BASE}
+# Stage-1 checkpoint to start from (required); FROM_SCRATCH=1 builds the two versions above untrained instead.
+CKPT_PATH=${CKPT_PATH:-runs/stage1_full/${LLM_VERSION}_${VISION_MODEL_VERSION}}
+pivot_stage2_model  # MODEL_ARGS, MODEL_NAME: the run is named after what is loaded
+RUN_BASE=${RUN_BASE:-$MODEL_NAME}
 DATA_PATH=${DATA_PATH:-data/mmpr/mmpr_grpo.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-data/mmpr}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/stage2/${RUN_BASE}_grpo}
@@ -36,6 +39,12 @@ LOSS_NORMALIZATION=${LOSS_NORMALIZATION:-dapo}
 REWARD_FUNCS=${REWARD_FUNCS:-exact_match format}
 REWARD_WEIGHTS=${REWARD_WEIGHTS:-1 0.5}
 GENERATION_BACKEND=${GENERATION_BACKEND:-hf}
+# LoRA (llava.train.lora): LORA=1 trains adapters on the LLM (LORA_VISION=1: on the tower too) instead of full weights.
+LORA=${LORA:-0}
+LORA_R=${LORA_R:-64}
+LORA_ALPHA=${LORA_ALPHA:-16}
+LORA_DROPOUT=${LORA_DROPOUT:-0.05}
+LORA_VISION=${LORA_VISION:-0}
 # Prompts per device per micro-batch (each becomes NUM_GENERATIONS scored sequences).
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}
 
