@@ -146,6 +146,8 @@ def _common_args(s: GRPOBenchSettings, device: str, out: str) -> dict[str, Any]:
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "optim": "adamw_torch",
+        "bf16": False,  # fp32 everywhere: TRL's GRPOConfig defaults to bf16 (slow autocast on most CPUs)
+        "fp16": False,
         "gradient_checkpointing": False,  # TRL's GRPOConfig turns it on by default; pivot's runs here do not
         "beta": 0.0,
         "num_generations": s.num_generations,
