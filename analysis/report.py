@@ -377,7 +377,10 @@ def kind_table(kind: str, files: Sequence[ResultsFile]) -> str:
     rows = [row for file in files for row in file.rows]
     if kind == "benchmarks":
         warnings = [w for file in files for w in file.doc.get("warnings", [])]
-        return markdown_table(rows, warnings)
+        suites = {file.doc.get("suite") or "cambrian16" for file in files}
+        if len(suites) > 1:
+            raise ValueError(f"benchmarks files of different suites {sorted(suites)}: report them apart")
+        return markdown_table(rows, warnings, load_registry(suite=suites.pop()))
     labels = _present(rows, RUN_LABEL_KEYS)  # seeds are averaged over, except in Grad-CAM (n = samples)
     per_seed = [k for k in labels if k != "seed"]
     if kind == "linear_probe":
