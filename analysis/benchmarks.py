@@ -80,7 +80,8 @@ logger = logging.getLogger(__name__)
 
 CATEGORIES: tuple[str, ...] = ("General", "Knowledge", "OCR & Chart", "Vision-centric")
 AVERAGE = "Average"
-LABEL_KEYS: tuple[str, ...] = ("loss_type", "vision_tower", "llm", "data_size", "seed")
+LABEL_KEYS: tuple[str, ...] = ("loss_type", "vision_tower", "llm", "data_size", "seed", "train_seed")
+"""Run labels; ``train_seed`` is the Stage-2 training seed where a study repeats training (analysis.claims)."""
 SAMPLES_MODES: tuple[str, ...] = ("no", "prefer", "require")
 RESULTS_SUFFIX = "_results.json"
 
