@@ -19,6 +19,7 @@ import argparse
 import difflib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,6 +83,7 @@ def tiny_llm_config(vocab_size: int, hidden: int = 64, layers: int = 2) -> trans
 
 
 def write_llm(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """The tiny Qwen2 LM (``hidden`` wide, ``layers`` deep) and the local tokenizer, saved to ``out_dir``."""
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
     model = transformers.Qwen2ForCausalLM(tiny_llm_config(len(tokenizer), hidden, layers))
@@ -92,8 +94,17 @@ def write_llm(out_dir: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -
     return out_dir
 
 
-def write_vision(name: str, out_dir: Path, seed: int = 0, image_size: int = 32, layers: int = 3) -> Path:
-    factory, class_name = tiny_vision_configs(image_size=image_size, layers=layers)[name]
+def write_vision(
+    name: str,
+    out_dir: Path,
+    seed: int = 0,
+    image_size: int = 32,
+    layers: int = 3,
+    hidden: int = 32,
+    patch_size: int = 8,
+) -> Path:
+    """Tower ``name`` of :func:`tiny_vision_configs` with its PIL image processor, saved to ``out_dir``."""
+    factory, class_name = tiny_vision_configs(image_size, patch_size, hidden, layers)[name]
     config = factory()
     torch.manual_seed(seed)
     getattr(transformers, class_name)(config).save_pretrained(out_dir)
@@ -114,20 +125,51 @@ def unknown_towers(towers: tuple[str, ...]) -> str | None:
     return f"unknown tiny tower(s) {named}; choose from {', '.join(known)}"
 
 
+@dataclass(frozen=True)
+class TinySizes:
+    """Widths and depths of the tiny presets (defaults: the test size; scripts/demo.sh passes larger ones)."""
+
+    vision_hidden: int = 32
+    vision_layers: int = 3
+    patch_size: int = 8
+    llm_hidden: int = 64
+    llm_layers: int = 2
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise ValueError(f"TinySizes.{name} must be >= 1, got {value}")
+        if self.vision_hidden % 2 or self.llm_hidden % 4:
+            raise ValueError(
+                f"vision_hidden must be a multiple of 2 and llm_hidden of 4 (attention heads), "
+                f"got {self.vision_hidden}, {self.llm_hidden}"
+            )
+
+
 def write_tiny_presets(
-    out_dir: str | Path, seed: int = 0, image_size: int = 32, towers: tuple[str, ...] | None = None
+    out_dir: str | Path,
+    seed: int = 0,
+    image_size: int = 32,
+    towers: tuple[str, ...] | None = None,
+    sizes: TinySizes | None = None,
 ) -> dict[str, Path]:
     """Write the tiny LLM and vision towers; returns name → directory.
 
-    Unknown tower names are refused before anything is written (`unknown_towers`).
+    Unknown tower names are refused before anything is written (`unknown_towers`); an
+    ``image_size`` that ``sizes.patch_size`` does not divide is refused too.
     """
+    sizes = sizes or TinySizes()
+    if image_size % sizes.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {sizes.patch_size}")
     problem = unknown_towers(towers or ())
     if problem:
         raise ValueError(problem)
     out = Path(out_dir)
-    paths = {"llm": write_llm(out / "llm", seed)}
+    paths = {"llm": write_llm(out / "llm", seed, sizes.llm_hidden, sizes.llm_layers)}
     for name in towers or tuple(tiny_vision_configs()):
-        paths[name] = write_vision(name, out / name, seed, image_size)
+        paths[name] = write_vision(
+            name, out / name, seed, image_size, sizes.vision_layers, sizes.vision_hidden, sizes.patch_size
+        )
     return paths
 
 
@@ -137,15 +179,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("out_dir", help="directory to write the tiny presets into")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
-    parser.add_argument("--image_size", type=int, default=32, help="tower input resolution (patch size 8)")
+    parser.add_argument("--image_size", type=int, default=32, help="tower input resolution")
     parser.add_argument("--towers", nargs="*", default=None, help="subset of towers to write (default: all)")
+    defaults = TinySizes()
+    for field_name, help_text in (
+        ("vision_hidden", "vision tower width"),
+        ("vision_layers", "vision tower depth"),
+        ("patch_size", "vision patch size (divides --image_size)"),
+        ("llm_hidden", "Qwen2 width (multiple of 4)"),
+        ("llm_layers", "Qwen2 depth"),
+    ):
+        parser.add_argument(
+            f"--{field_name}", type=int, default=getattr(defaults, field_name), help=help_text
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     towers = tuple(args.towers) if args.towers else None
     problem = unknown_towers(towers or ())
     if problem:
         parser.error(problem)
-    paths = write_tiny_presets(args.out_dir, args.seed, args.image_size, towers)
+    sizes = TinySizes(
+        args.vision_hidden, args.vision_layers, args.patch_size, args.llm_hidden, args.llm_layers
+    )
+    paths = write_tiny_presets(args.out_dir, args.seed, args.image_size, towers, sizes)
     for name, path in paths.items():
         logger.info("%-10s %s", name, path)
 

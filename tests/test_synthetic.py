@@ -39,7 +39,7 @@ NUM_TRAIN, NUM_VAL = 60, 20
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("world_a")
-    generate_world(root, seed=0, num_train=NUM_TRAIN, num_val=NUM_VAL)
+    generate_world(root, seed=0, num_train=NUM_TRAIN, num_val=NUM_VAL, label="shape")  # masks name shapes
     return root
 
 
@@ -63,7 +63,7 @@ def _rgb(image: np.ndarray, colour: tuple[int, int, int] | list[int]) -> np.ndar
 
 def test_same_seed_same_bytes_different_seed_differs(world: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    generate_world(again, seed=0, num_train=NUM_TRAIN, num_val=NUM_VAL)
+    generate_world(again, seed=0, num_train=NUM_TRAIN, num_val=NUM_VAL, label="shape")
     first, second = _hashes(world), _hashes(again)
     assert len(first) > 4 * (NUM_TRAIN + NUM_VAL)
     assert first == second
@@ -360,10 +360,29 @@ def test_captions_and_instruct_answers_match_the_pixels(world: Path) -> None:
             assert truth in words, (text, answer["value"])
 
 
+def test_colour_world_labels_and_masks_name_colours(tmp_path: Path) -> None:
+    summary = generate_world(tmp_path, seed=1, num_train=12, num_val=4)  # the default label: colour
+    assert (
+        summary.classes == ["unlabeled", *COLOURS] == json.loads((tmp_path / "ade/classes.json").read_text())
+    )
+    folder = {p.stem: p.parent.name for p in (tmp_path / "imagefolder").glob("*/*/*.png")}
+    for png in sorted((tmp_path / "images").glob("*/*.png")):
+        pixels = np.asarray(Image.open(png).convert("RGB"))
+        split = "training" if png.parent.name == "train" else "validation"
+        mask = np.asarray(Image.open(tmp_path / "ade/annotations" / split / png.name))
+        areas = {}
+        for k, (name, rgb) in enumerate(COLOURS.items(), start=1):
+            assert np.array_equal(mask == k, _rgb(pixels, rgb)), (png.name, name)  # mask id k = colour k
+            areas[name] = np.bincount(ndimage.label(mask == k)[0].ravel())[1:].max(initial=0)
+        assert max(areas, key=areas.get) == folder[png.stem]  # label = colour of the largest object
+
+
 def test_bad_arguments_fail_fast(world: Path) -> None:
     with pytest.raises(ValueError, match="image_size"):
         WorldConfig(image_size=16)
     with pytest.raises(ValueError, match="max_objects"):
         WorldConfig(max_objects=9)
+    with pytest.raises(ValueError, match="label"):
+        WorldConfig(label="size")
     with pytest.raises(FileExistsError, match="overwrite"):
         generate_world(world, seed=0, num_train=2, num_val=1)

@@ -31,8 +31,8 @@ from PIL import Image
 
 from llava.data.synthetic_scene import (
     BACKGROUND_COLOURS,
-    CLASS_NAMES,
     COLOURS,
+    LABEL_CLASSES,
     PLURALS,
     POSITION_MARGIN,
     REGION_NAMES,
@@ -327,8 +327,13 @@ class WorldConfig:
     max_objects: int = 4
     questions_per_image: int = 2
     jpeg_quality: int = 95
+    label: str = "colour"
+    """What the ImageFolder label (of the largest object) and the ADE mask classes are: ``"colour"``
+    or ``"shape"`` (docs/DECISIONS.md: a tiny patch-8 ViT carries colour, not shape)."""
 
     def __post_init__(self) -> None:
+        if self.label not in LABEL_CLASSES:
+            raise ValueError(f"label must be one of {sorted(LABEL_CLASSES)}, got {self.label!r}")
         if self.num_train < 1 or self.num_val < 1:
             raise ValueError(f"num_train and num_val must be >= 1, got {self.num_train}, {self.num_val}")
         if self.image_size < 32:
@@ -430,15 +435,18 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def _write_image_files(out: Path, split: str, image_id: str, scene: Scene, jpeg_quality: int) -> str:
+def _write_image_files(out: Path, split: str, image_id: str, scene: Scene, config: WorldConfig) -> str:
     """Write the scene's PNG, ADE20K JPEG + annotation and ImageFolder copy; return its label."""
     ade_split, folder_split = SPLITS[split]
-    image, mask = render_scene(scene)
-    label = scene.objects[largest_object(scene)].shape
+    image, mask = render_scene(scene, config.label)
+    label = scene.objects[largest_object(scene)].label(config.label)
     png = _encode(image, "PNG")
     _write(out / "images" / split / f"{image_id}.png", png)
     _write(out / "imagefolder" / folder_split / label / f"{image_id}.png", png)
-    _write(out / "ade/images" / ade_split / f"{image_id}.jpg", _encode(image, "JPEG", quality=jpeg_quality))
+    _write(
+        out / "ade/images" / ade_split / f"{image_id}.jpg",
+        _encode(image, "JPEG", quality=config.jpeg_quality),
+    )
     _write(out / "ade/annotations" / ade_split / f"{image_id}.png", _encode(Image.fromarray(mask), "PNG"))
     return label
 
@@ -469,6 +477,7 @@ def generate_world(
     max_objects: int = 4,
     questions_per_image: int = 2,
     jpeg_quality: int = 95,
+    label: str = "colour",
     overwrite: bool = False,
 ) -> WorldSummary:
     """Write a world to ``out_dir`` (layout: docs/CONTRACTS.md §2) and return its summary.
@@ -477,10 +486,18 @@ def generate_world(
     is a pure function of its arguments. Train images feed the LLaVA and MMPR records
     (``questions_per_image`` preference questions of distinct types each); PRH pairs cover both
     splits. Besides the contract's files, ``scenes.jsonl`` stores every scene (``Scene.to_dict``)
-    with its id, split, label and caption.
+    with its id, split, label and caption. ``label`` picks the ImageFolder label and the ADE classes.
     """
     config = WorldConfig(
-        seed, num_train, num_val, image_size, min_objects, max_objects, questions_per_image, jpeg_quality
+        seed,
+        num_train,
+        num_val,
+        image_size,
+        min_objects,
+        max_objects,
+        questions_per_image,
+        jpeg_quality,
+        label,
     )
     out = Path(out_dir)
     _prepare(out, overwrite)
@@ -495,7 +512,7 @@ def generate_world(
             scene = sample_scene(np.random.default_rng(scene_seq), image_size, min_objects, max_objects)
             image_id = f"{split}_{index:06d}"
             image_path = f"images/{split}/{image_id}.png"
-            label = _write_image_files(out, split, image_id, scene, jpeg_quality)
+            label = _write_image_files(out, split, image_id, scene, config)
             caption = describe_scene(scene)
             prh.append({"image": f"../{image_path}", "text": [caption, list_objects(scene)]})
             scenes.append(
@@ -514,7 +531,7 @@ def generate_world(
         name: {"root": root, "annotation": f"annotations/{name}.jsonl"}
         for name, (root, _) in MMPR_DATASETS.items()
     }
-    _write(out / WORLD_FILES["ade_classes"], json.dumps(list(CLASS_NAMES), indent=2) + "\n")
+    _write(out / WORLD_FILES["ade_classes"], json.dumps(list(LABEL_CLASSES[config.label]), indent=2) + "\n")
     _write(out / WORLD_FILES["prh"], _jsonl(prh))
     _write(out / WORLD_FILES["pretrain"], json.dumps(pretrain, indent=2, ensure_ascii=False) + "\n")
     _write(out / WORLD_FILES["instruct"], json.dumps(instruct, indent=2, ensure_ascii=False) + "\n")
@@ -532,8 +549,8 @@ def generate_world(
     summary = WorldSummary(
         root=out,
         config=config,
-        classes=list(CLASS_NAMES),
-        labels=list(SHAPES),
+        classes=list(LABEL_CLASSES[config.label]),
+        labels=list(LABEL_CLASSES[config.label][1:]),
         colours={k: list(v) for k, v in COLOURS.items()},
         background_colours={k: list(v) for k, v in BACKGROUND_COLOURS.items()},
         counts=counts,
@@ -562,6 +579,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="MMPR preference questions (distinct types) per train image",
     )
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of ade/images")
+    parser.add_argument(
+        "--label",
+        choices=sorted(LABEL_CLASSES),
+        default="colour",
+        help="ImageFolder label (of the largest object) and ADE mask classes",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a world already in --out_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -575,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_objects=args.max_objects,
         questions_per_image=args.questions_per_image,
         jpeg_quality=args.jpeg_quality,
+        label=args.label,
         overwrite=args.overwrite,
     )
     print(json.dumps({"root": str(summary.root), **summary.counts}, indent=2))

@@ -3,8 +3,8 @@
 A scene is 1-4 flat-coloured shapes (circle, square, triangle, star, diamond, cross; six named
 colours; small or large) on a background (solid colour, two-colour gradient or light noise) whose
 colours never equal an object colour. :func:`render_scene` returns the RGB image and an
-ADE20K-style class mask (0 = background/unlabeled, 1..K one per shape, see :data:`CLASS_NAMES`)
-holding the visible (topmost) object of every pixel; objects are drawn without anti-aliasing, so
+ADE20K-style class mask (0 = background/unlabeled, 1..K one per shape or one per colour, see
+:data:`LABEL_CLASSES`) holding the visible (topmost) object of every pixel; objects are drawn without anti-aliasing, so
 every visible pixel of an object has exactly its colour. :func:`sample_scene` only accepts scenes
 whose questions have one unambiguous answer that can be re-derived from the pixels (see its
 docstring). Everything is deterministic given a ``numpy.random.Generator``; only numpy and PIL
@@ -38,6 +38,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 """Object colours (exact RGB of every visible object pixel in the PNG images)."""
 
+LABEL_CLASSES: dict[str, tuple[str, ...]] = {"shape": CLASS_NAMES, "colour": ("unlabeled", *COLOURS)}
+"""Mask class names by id for each label kind: one class per shape or one per colour, 0 = unlabeled."""
+
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "light grey": (190, 190, 190),
@@ -64,8 +67,8 @@ POSITION_MARGIN = 0.1
 """Left/right relations are only stated when visible centres differ by this fraction of the width."""
 
 LABEL_MARGIN = 0.85
-"""The image-level label is the largest object's shape; objects of other shapes must be smaller
-than this fraction of its visible area so the label is unambiguous."""
+"""The image-level label is the largest object's shape or colour; objects differing from it in shape
+or colour must be smaller than this fraction of its visible area so either label is unambiguous."""
 
 MIN_IMAGE_SIZE = 32
 
@@ -131,6 +134,12 @@ class SceneObject:
     def class_id(self) -> int:
         """Mask class id of this object's shape."""
         return SHAPES.index(self.shape) + 1
+
+    def label(self, kind: str) -> str:
+        """The object's ``kind`` (a key of :data:`LABEL_CLASSES`): its shape or its colour."""
+        if kind not in LABEL_CLASSES:
+            raise ValueError(f"unknown label kind {kind!r}; known kinds: {sorted(LABEL_CLASSES)}")
+        return self.shape if kind == "shape" else self.colour
 
     def phrase(self, with_size: bool = True) -> str:
         """``"large red circle"`` (or ``"red circle"``), without an article."""
@@ -281,13 +290,19 @@ def render_background(background: Background, image_size: int) -> np.ndarray:
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
-def render_scene(scene: Scene) -> tuple[Image.Image, np.ndarray]:
-    """The RGB image and the ``uint8`` class mask (0 = background, ``SHAPES.index(s) + 1`` = shape s)."""
+def render_scene(scene: Scene, classes: str = "shape") -> tuple[Image.Image, np.ndarray]:
+    """The RGB image and the ``uint8`` class mask (0 = background, ``k`` = ``LABEL_CLASSES[classes][k]``).
+
+    ``classes="shape"``: id ``SHAPES.index(s) + 1`` marks shape ``s``; ``"colour"``: one id per colour.
+    """
+    names = LABEL_CLASSES.get(classes)
+    if names is None:
+        raise ValueError(f"unknown mask classes {classes!r}; known: {sorted(LABEL_CLASSES)}")
     pixels = render_background(scene.background, scene.image_size)
     mask = np.zeros((scene.image_size, scene.image_size), dtype=np.uint8)
     for obj, visible in zip(scene.objects, visible_masks(scene)):
         pixels[visible] = COLOURS[obj.colour]
-        mask[visible] = obj.class_id
+        mask[visible] = names.index(obj.label(classes))
     return Image.fromarray(pixels), mask
 
 
@@ -351,11 +366,11 @@ def _scene_is_valid(objects: list[SceneObject], silhouettes: list[np.ndarray]) -
 
 def _label_is_unambiguous(scene: Scene) -> bool:
     areas = [int(v.sum()) for v in visible_masks(scene)]
-    top = int(np.argmax(areas))
+    top = scene.objects[int(np.argmax(areas))]
     return all(
-        areas[i] < LABEL_MARGIN * areas[top]
+        areas[i] < LABEL_MARGIN * max(areas)
         for i, obj in enumerate(scene.objects)
-        if obj.shape != scene.objects[top].shape
+        if obj.shape != top.shape or obj.colour != top.colour
     )
 
 
@@ -395,7 +410,7 @@ def sample_scene(
     touch (so shape counts equal connected components of the mask); objects of different shapes
     may overlap, but each keeps >= 60 % (and >= 12) of its pixels visible in one 4-connected
     region; the object with the largest visible area is larger (by :data:`LABEL_MARGIN`) than every
-    object of another shape, so the image-level label is unambiguous.
+    object of another shape or colour, so the image-level label (shape or colour) is unambiguous.
     """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
