@@ -529,8 +529,9 @@ def aggregate(
     unused = sorted(set(labels) - used)
     if unused:
         raise ValueError(f"labels given for unknown run(s) {unused}; runs found: {[str(r) for r in runs]}")
-    names = [r.run for r in results]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    # A run label may repeat when another label tells the rows apart (e.g. the same run at two train_seeds).
+    names = [(r.run, json.dumps(r.labels, sort_keys=True, default=str)) for r in results]
+    duplicates = sorted({n for n, labels in names if names.count((n, labels)) > 1})
     if duplicates:
         raise ValueError(f"run labels {duplicates} are not unique; rename them in a labels file")
     return results

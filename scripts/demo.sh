@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole paper in miniature, end to end on CPU, offline (`make demo` runs this):
 # tiny presets → synthetic world → Stage 1a → Stage 1b → Stage 2 SFT and DPO from the same Stage-1
-# checkpoint on the same samples → encoder export → linear probe, segmentation probe, Platonic
-# alignment (MiniLM as reference LM), Grad-CAM with localisation → runs/demo/report/report.md.
+# checkpoint on the same samples, for every seed in SEEDS (+ controls with DEMO_CONTROLS=1) → encoder export →
+# world benchmark through lmms-eval, linear probe, segmentation probe, Platonic alignment (MiniLM as reference
+# LM), Grad-CAM with localisation → runs/demo/report/report.md with claim-by-claim verdicts.
 # Tiny random-initialised models: the numbers show the pipeline working, not the paper's result.
 # Every variable can be set from the environment, e.g. DEMO_SCALE=medium make demo.
 set -euo pipefail
@@ -21,6 +22,13 @@ case "$DEMO_SCALE" in
   medium) NUM_TRAIN=1600; NUM_VAL=320; IMAGE_SIZE=64; MMPR_SIZE=1024; GLOBAL_BATCH=32; EPOCHS_S1=2; EPOCHS_S2=3
           SEG_SEEDS=6; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
   *) echo "DEMO_SCALE=$DEMO_SCALE: choose smoke, small or medium" >&2; exit 2 ;;
+esac
+# Stage-2 training seeds (>= 2: the report pairs DPO with SFT seed by seed) and the controls
+# (frozen-encoder DPO, sign-flipped DPO; on by default at medium): DEMO_CONTROLS=1 turns them on.
+case "$DEMO_SCALE" in
+  smoke)  SEEDS=${SEEDS:-"0 1"}; DEMO_CONTROLS=${DEMO_CONTROLS:-0}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-8} ;;
+  small)  SEEDS=${SEEDS:-"0 1"}; DEMO_CONTROLS=${DEMO_CONTROLS:-0}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-48} ;;
+  medium) SEEDS=${SEEDS:-"0 1 2"}; DEMO_CONTROLS=${DEMO_CONTROLS:-1}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-128} ;;
 esac
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
 # Learning rates are scaled up for tiny random models (the paper's would barely move them); Stage 1b keeps
@@ -60,6 +68,7 @@ echo "[demo] scale=$DEMO_SCALE dir=$DEMO_DIR (per-stage logs in $LOG)"
 stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_size "$IMAGE_SIZE" --towers siglip
 stage world             "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
                           --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --image_size "$IMAGE_SIZE"
+SEG_CLASSES=$("$PYTHON" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORLD/ade/classes.json")
 stage mmpr_convert      "$PYTHON" -m llava.data.mmpr --meta_path "$WORLD/mmpr/meta.json" --out_dir "$DATA" \
                           --size "$MMPR_SIZE" --seed "$SEED" --tokenizer "$TINY/llm" --image_folder "$WORLD" \
                           --image_tokens $(( (IMAGE_SIZE / 8) ** 2 ))  # tiny SigLIP: patch 8, square
@@ -68,26 +77,82 @@ stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$
 stage stage1b_full      env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \
                           OUTPUT_DIR="$DEMO_DIR/stage1_full" LR="$LR_S1B" VISION_LR="$VISION_LR_S1B" \
                           EPOCHS="$EPOCHS_S1" bash scripts/train/stage1_full.sh --save_strategy no
-for LOSS in sft dpo; do
-  LR=$LR_SFT; [ "$LOSS" = dpo ] && LR=$LR_DPO
-  stage "stage2_$LOSS" env CKPT_PATH="$DEMO_DIR/stage1_full" DATA_PATH="$DATA/mmpr_dpo.json" \
-                          OUTPUT_DIR="$DEMO_DIR/stage2_$LOSS" LR="$LR" BETA="$BETA" EPOCHS="$EPOCHS_S2" \
-                          bash "scripts/train/$LOSS.sh" --save_strategy no
+# Stage 2 from the one Stage-1 checkpoint: SFT and DPO per training seed (same samples, same order within a
+# seed), and with DEMO_CONTROLS=1 two controls per seed: DPO with the vision tower frozen (the encoder gets no
+# gradient) and sign-flipped DPO (llava/train/losses.py dpo_sign_flipped, it prefers the wrong answers).
+CONDITIONS=(sft dpo)
+[ "$DEMO_CONTROLS" = 1 ] && CONDITIONS+=(dpo_frozen dpo_flipped)
+stage2() {  # stage2 CONDITION SEED: one Stage-2 run into $DEMO_DIR/stage2/CONDITION_sSEED
+  local script=dpo.sh lr=$LR_DPO loss=dpo extra=()
+  case $1 in
+    sft) script=sft.sh; lr=$LR_SFT; loss=sft ;;
+    dpo_frozen) extra=(--mm_tunable_parts mm_mlp_adapter,mm_language_model) ;;
+    dpo_flipped) loss=dpo_sign_flipped ;;
+  esac
+  env CKPT_PATH="$DEMO_DIR/stage1_full" DATA_PATH="$DATA/mmpr_dpo.json" OUTPUT_DIR="$DEMO_DIR/stage2/$1_s$2" \
+    SEED="$2" LOSS_TYPE="$loss" LR="$lr" BETA="$BETA" EPOCHS="$EPOCHS_S2" \
+    bash "scripts/train/$script" --save_strategy no "${extra[@]}"
+}
+for S in $SEEDS; do
+  for C in "${CONDITIONS[@]}"; do stage "stage2_${C}_s$S" stage2 "$C" "$S"; done
 done
-ENCODERS=("$DEMO_DIR/stage1_full" "$DEMO_DIR/stage2_sft" "$DEMO_DIR/stage2_dpo")
-NAMES=(stage1 sft dpo)
-stage linear_probe      "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
+# The tower Stage 1 started from, exported as the MLLM reads it: the untrained-by-the-MLLM control.
+stage original_tower    "$PYTHON" -m llava.export --vision_tower "$VISION_MODEL_VERSION" "$DEMO_DIR/original"
+
+# World benchmark (llava/data/world_bench.py): held-out questions as local lmms-eval tasks, run through
+# `--model pivot` (scripts/eval/cambrian16.sh with SUITE=world) for every language model, then one table.
+BENCH=$DEMO_DIR/bench
+stage world_bench       "$PYTHON" -m llava.data.world_bench --world "$WORLD" --out_dir "$BENCH" \
+                          --per_type "$BENCH_PER_TYPE"
+BENCH_TASKS=$("$PYTHON" -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks']))" "$BENCH/bench.json")
+eval_world() {  # eval_world NAME CHECKPOINT: lmms-eval output in $DEMO_DIR/eval/NAME/<model>/
+  env NUM_GPUS=0 SUITE=world TASKS="$BENCH_TASKS" BATCH_SIZE=16 OUTPUT_DIR="$DEMO_DIR/eval/$1" \
+    bash scripts/eval/cambrian16.sh "$2" --include_path "$BENCH/tasks" --verbosity WARNING
+}
+# Loss labels group the bars of Figure 2 (mean ± std over seeds); the controls get bars of their own.
+declare -A LOSS_LABEL=([sft]=sft [dpo]=dpo [dpo_frozen]="dpo (frozen tower)" [dpo_flipped]=dpo_sign_flipped)
+TOWER_LABEL="\"vision_tower\": \"$(basename "$VISION_MODEL_VERSION")\""
+LABELS=()  # analysis.benchmarks labels: lmms-eval's <model> directory -> run (condition) and train_seed
+label_eval() {  # label_eval NAME LABELS_JSON
+  local results=("$DEMO_DIR/eval/$1"/*/*_results.json)
+  LABELS+=("\"$(dirname "${results[0]}")\": $2")
+}
+stage eval_stage1       eval_world stage1 "$DEMO_DIR/stage1_full"
+label_eval stage1 '{"run": "stage1"}'
+LABELS_DIRS=("$DEMO_DIR/eval/stage1")
+for S in $SEEDS; do
+  for C in "${CONDITIONS[@]}"; do
+    stage "eval_${C}_s$S" eval_world "${C}_s$S" "$DEMO_DIR/stage2/${C}_s$S"
+    label_eval "${C}_s$S" "{\"run\": \"$C\", \"train_seed\": $S, \"loss_type\": \"${LOSS_LABEL[$C]}\", $TOWER_LABEL}"
+    LABELS_DIRS+=("$DEMO_DIR/eval/${C}_s$S")
+  done
+done
+(IFS=,; echo "{${LABELS[*]}}") > "$DEMO_DIR/eval/labels.json"
+stage world_table       "$PYTHON" -m analysis.benchmarks "${LABELS_DIRS[@]}" --suite world \
+                          --labels "$DEMO_DIR/eval/labels.json" --out-dir "$RESULTS/benchmarks"
+
+# Encoder analyses once per training seed over original, Stage 1 and that seed's Stage-2 runs; each results
+# file is stamped with its train_seed so the report pairs DPO with SFT seed by seed (analysis/claims.py).
+for S in $SEEDS; do
+  ENCODERS=("$DEMO_DIR/original" "$DEMO_DIR/stage1_full"); NAMES=(original stage1); VISION=()
+  for C in "${CONDITIONS[@]}"; do ENCODERS+=("$DEMO_DIR/stage2/${C}_s$S"); NAMES+=("$C"); done
+  for i in "${!NAMES[@]}"; do VISION+=("${NAMES[$i]}=${ENCODERS[$i]}"); done
+  OUT=$RESULTS/seed$S
+  stage "linear_probe_s$S" "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
                           --train-data "$WORLD/imagefolder" --train-split train --eval-data "$WORLD/imagefolder" \
                           --eval-split val --feature-points encoder projector --methods logreg prototype \
-                          --seed "$SEED" --out "$RESULTS/linear_probe.json" --cache-dir "$DEMO_DIR/cache"
-stage seg_probe         "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
-                          --data "$WORLD/ade" --num-classes 7 --seeds "$SEG_SEEDS" --out "$RESULTS/seg_probe.json" \
-                          --png-dir "$RESULTS/seg_examples" --cache-dir "$DEMO_DIR/cache" \
+                          --seed "$S" --out "$OUT/linear_probe.json" --cache-dir "$DEMO_DIR/cache"
+  stage "seg_probe_s$S"  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
+                          --data "$WORLD/ade" --num-classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --out "$OUT/seg_probe.json" \
+                          --png-dir "$OUT/seg_examples" --cache-dir "$DEMO_DIR/cache" \
                           --warmup-steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
-stage alignment         "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" \
-                          --vision stage1="${ENCODERS[0]}" sft="${ENCODERS[1]}" dpo="${ENCODERS[2]}" \
+  # shellcheck disable=SC2086
+  stage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
                           --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
-                          --output_dir "$RESULTS/alignment"
+                          --output_dir "$OUT/alignment"
+  stage "label_s$S"      "$PYTHON" -m analysis.results_rows "$OUT/linear_probe.json" "$OUT/seg_probe.json" \
+                          "$OUT"/alignment/*.json --set train_seed="$S"
+done
 # shellcheck disable=SC2086
 stage gradcam           "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
                           --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
@@ -95,6 +160,6 @@ stage gradcam           "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/st
                           --learning_rates sft="$LR_SFT" dpo="$LR_DPO" --beta "$BETA" \
                           --out_dir "$RESULTS/gradcam"
 stage report            "$PYTHON" -m analysis.report "$RESULTS" "$DEMO_DIR/report" --title "pivot miniature run ($DEMO_SCALE)" \
-                          --caveat "A miniature run of tiny random-initialised models on a synthetic world ($DEMO_SCALE scale, seed $SEED), made to show the whole pipeline working on CPU. It is not the paper's result; SFT and DPO are shown side by side with seeds, whatever they turn out to be."
+                          --caveat "A miniature run of tiny models on a synthetic world ($DEMO_SCALE scale, Stage-2 seeds: $SEEDS, controls: $DEMO_CONTROLS), made to show the whole pipeline working on CPU. It is not the paper's result; each claim's verdict below is computed from these numbers, whatever they turn out to be."
 stage metrics           "$PYTHON" -m analysis.summary "$DEMO_DIR" --out "$DEMO_DIR/metrics.json"
 echo "[demo] finished in $((SECONDS - START)) s. Report: $DEMO_DIR/report/report.md  metrics: $DEMO_DIR/metrics.json"
