@@ -53,6 +53,26 @@ stage() {  # stage NAME COMMAND...: run one stage, log its output, print one lin
   fi
 }
 
+# Independent stages (the runs and analyses of different seeds and controls) run DEMO_JOBS at a time, one
+# torch thread each; pstage NAME COMMAND... starts one in the background, pwait waits for all of them.
+DEMO_JOBS=${DEMO_JOBS:-2}
+pstage() {
+  while [ "$(jobs -rp | wc -l)" -ge "$DEMO_JOBS" ]; do wait -n || { pwait; exit 1; }; done
+  (
+    began=$SECONDS
+    if "${@:2}" >"$LOG/$1.log" 2>&1; then
+      printf '[demo] %-34s ... done in %4ds (total %4ds)\n' "$1" $((SECONDS - began)) $((SECONDS - START))
+    else
+      printf '[demo] %-34s ... FAILED; last lines of %s:\n' "$1" "$LOG/$1.log"; tail -n 30 "$LOG/$1.log"; exit 1
+    fi
+  ) &
+}
+pwait() {
+  local failed=0 pid
+  for pid in $(jobs -p); do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ] || exit 1
+}
+
 # Only a directory this script made (it holds the marker) is ever deleted; any other non-empty one is refused.
 MARKER=.pivot-demo-dir
 if [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ]; then
@@ -94,8 +114,9 @@ stage2() {  # stage2 CONDITION SEED: one Stage-2 run into $DEMO_DIR/stage2/CONDI
     bash "scripts/train/$script" --save_strategy no "${extra[@]}"
 }
 for S in $SEEDS; do
-  for C in "${CONDITIONS[@]}"; do stage "stage2_${C}_s$S" stage2 "$C" "$S"; done
+  for C in "${CONDITIONS[@]}"; do pstage "stage2_${C}_s$S" stage2 "$C" "$S"; done
 done
+pwait
 # The tower Stage 1 started from, exported as the MLLM reads it: the untrained-by-the-MLLM control.
 stage original_tower    "$PYTHON" -m llava.export --vision_tower "$VISION_MODEL_VERSION" "$DEMO_DIR/original"
 
@@ -117,12 +138,15 @@ label_eval() {  # label_eval NAME LABELS_JSON
   local results=("$DEMO_DIR/eval/$1"/*/*_results.json)
   LABELS+=("\"$(dirname "${results[0]}")\": $2")
 }
-stage eval_stage1       eval_world stage1 "$DEMO_DIR/stage1_full"
+pstage eval_stage1      eval_world stage1 "$DEMO_DIR/stage1_full"
+for S in $SEEDS; do
+  for C in "${CONDITIONS[@]}"; do pstage "eval_${C}_s$S" eval_world "${C}_s$S" "$DEMO_DIR/stage2/${C}_s$S"; done
+done
+pwait
 label_eval stage1 '{"run": "stage1"}'
 LABELS_DIRS=("$DEMO_DIR/eval/stage1")
 for S in $SEEDS; do
   for C in "${CONDITIONS[@]}"; do
-    stage "eval_${C}_s$S" eval_world "${C}_s$S" "$DEMO_DIR/stage2/${C}_s$S"
     label_eval "${C}_s$S" "{\"run\": \"$C\", \"train_seed\": $S, \"loss_type\": \"${LOSS_LABEL[$C]}\", $TOWER_LABEL}"
     LABELS_DIRS+=("$DEMO_DIR/eval/${C}_s$S")
   done
@@ -131,6 +155,12 @@ done
 stage world_table       "$PYTHON" -m analysis.benchmarks "${LABELS_DIRS[@]}" --suite world \
                           --labels "$DEMO_DIR/eval/labels.json" --out-dir "$RESULTS/benchmarks"
 
+# shellcheck disable=SC2086
+pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
+                          --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
+                          --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo \
+                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" --beta "$BETA" \
+                          --out_dir "$RESULTS/gradcam"
 # Encoder analyses once per training seed over original, Stage 1 and that seed's Stage-2 runs; each results
 # file is stamped with its train_seed so the report pairs DPO with SFT seed by seed (analysis/claims.py).
 for S in $SEEDS; do
@@ -138,27 +168,25 @@ for S in $SEEDS; do
   for C in "${CONDITIONS[@]}"; do ENCODERS+=("$DEMO_DIR/stage2/${C}_s$S"); NAMES+=("$C"); done
   for i in "${!NAMES[@]}"; do VISION+=("${NAMES[$i]}=${ENCODERS[$i]}"); done
   OUT=$RESULTS/seed$S
-  stage "linear_probe_s$S" "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
+  pstage "linear_probe_s$S" "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
                           --train-data "$WORLD/imagefolder" --train-split train --eval-data "$WORLD/imagefolder" \
                           --eval-split val --feature-points encoder projector --methods logreg prototype \
                           --seed "$S" --out "$OUT/linear_probe.json" --cache-dir "$DEMO_DIR/cache"
-  stage "seg_probe_s$S"  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
+  pstage "seg_probe_s$S"  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run-names "${NAMES[@]}" \
                           --data "$WORLD/ade" --num-classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --out "$OUT/seg_probe.json" \
                           --png-dir "$OUT/seg_examples" --cache-dir "$DEMO_DIR/cache" \
                           --warmup-steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
   # shellcheck disable=SC2086
-  stage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
+  pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
                           --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
                           --output_dir "$OUT/alignment"
-  stage "label_s$S"      "$PYTHON" -m analysis.results_rows "$OUT/linear_probe.json" "$OUT/seg_probe.json" \
+done
+pwait
+for S in $SEEDS; do
+  OUT=$RESULTS/seed$S
+  stage "label_s$S"       "$PYTHON" -m analysis.results_rows "$OUT/linear_probe.json" "$OUT/seg_probe.json" \
                           "$OUT"/alignment/*.json --set train_seed="$S"
 done
-# shellcheck disable=SC2086
-stage gradcam           "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
-                          --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
-                          --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo \
-                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" --beta "$BETA" \
-                          --out_dir "$RESULTS/gradcam"
 stage report            "$PYTHON" -m analysis.report "$RESULTS" "$DEMO_DIR/report" --title "pivot miniature run ($DEMO_SCALE)" \
                           --caveat "A miniature run of tiny models on a synthetic world ($DEMO_SCALE scale, Stage-2 seeds: $SEEDS, controls: $DEMO_CONTROLS), made to show the whole pipeline working on CPU. It is not the paper's result; each claim's verdict below is computed from these numbers, whatever they turn out to be."
 stage metrics           "$PYTHON" -m analysis.summary "$DEMO_DIR" --out "$DEMO_DIR/metrics.json"
