@@ -21,12 +21,13 @@ import pytest
 import torch
 
 from analysis.benchmarks import WORLD_BENCHMARKS, load_registry
-from llava.data.synthetic import generate_world
+from llava.data.synthetic import Question, generate_world
 from llava.data.world_bench import (
     CATEGORY_OF,
     MODES,
     answer_set,
     benchmark_questions,
+    candidate_statement,
     parse_answer,
     process_choice,
     process_generation,
@@ -73,6 +74,27 @@ def test_writer_asks_held_out_questions_with_answers_among_candidates(world, ben
     assert load_registry(suite="world") == WORLD_BENCHMARKS
     with pytest.raises(ValueError, match="unknown benchmark suite 'x'"):
         load_registry(suite="x")
+
+
+def test_candidates_are_stage1_statements_differing_only_in_the_answer():
+    def question(kind: str, text: str, answer: str, statement: str) -> Question:
+        return Question(kind, text, answer, "", "", "", statement, (0,))
+
+    colour = question("colour", "What colour is the star?", "red", "The star is red.")
+    assert [candidate_statement(colour, v) for v in ("red", "blue")] == [
+        "The star is red.",
+        "The star is blue.",
+    ]
+    shape = question("shape", "What shape is the red object?", "star", "The red object is a star.")
+    assert candidate_statement(shape, "circle") == "The red object is a circle."
+    assert candidate_statement(shape, "diamond") == "The red object is a diamond."
+    count = question("count", "How many crosses are there in the image?", "1", "There is 1 cross.")
+    assert candidate_statement(count, "3") == "There are 3 crosses."
+    text = "Is the red star to the left of the blue circle?"
+    left = question("position", text, "no", "No, the red star is to the right of the blue circle.")
+    assert candidate_statement(left, "yes") == "Yes, the red star is to the left of the blue circle."
+    with pytest.raises(ValueError, match="does not match its template"):
+        candidate_statement(question("colour", "Which colour?", "red", ""), "red")
 
 
 def test_parse_answer_reads_the_stated_value():

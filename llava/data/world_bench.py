@@ -14,9 +14,10 @@ Each type is written as two lmms-eval tasks that read local files only (``datase
 ``DatasetDict.save_to_disk`` directory with ``load_from_disk: true``; no hub):
 
 - ``world_<type>_choice``, forced choice (``output_type: multiple_choice``): every value of the
-  type's answer set is a candidate continuation in the Stage-2 short-answer style (``"Red."``), and
-  the prediction is the candidate of lowest summed NLL (lmms-eval's ``acc``, from the adapter's
-  ``loglikelihood``). Chance is 1 / number of candidates.
+  type's answer set is a candidate continuation, written as the sentence Stage 1b teaches
+  (:func:`candidate_statement`: "The circle is red.", "The circle is blue.", ...; the candidates of
+  one question differ only in the answer words), and the prediction is the candidate of lowest
+  summed NLL (``acc``, from the adapter's ``loglikelihood``). Chance is 1 / number of candidates.
 - ``world_<type>_gen``, greedy generation (``generate_until``): the answer is read from the text
   (:func:`parse_answer`: the value after "answer is" if present, else the first value of the
   answer set that the text names) and scored by exact match (``exact_match``).
@@ -45,8 +46,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from llava.data.synthetic import QUESTION_TYPES, feasible_questions, load_world
-from llava.data.synthetic_scene import COLOURS, SHAPES, scene_from_dict
+from llava.data.synthetic import QUESTION_TYPES, Question, feasible_questions, load_world
+from llava.data.synthetic_scene import COLOURS, PLURALS, SHAPES, article, scene_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,37 @@ def answer_set(question_type: str, max_objects: int) -> list[str]:
     return sets[question_type]
 
 
-def short_answer(value: str) -> str:
-    """The Stage-2 short answer style of :func:`llava.data.synthetic.format_answer`: ``"Red."``."""
-    return f"{value.capitalize()}."
+def candidate_statement(question: Question, value: str) -> str:
+    """The answer ``value`` to ``question`` as the sentence Stage 1b teaches (``Question.statement``).
+
+    ``"The circle is red."``, ``"The red object is a star."``, ``"There are 2 stars."``, ``"No, the red
+    circle is to the right of the blue star."``; for the true answer it equals ``question.statement``.
+    """
+    kind = question.question_type
+    if kind == "colour":
+        shape = re.fullmatch(r"What colour is the (.+)\?", question.text)
+        return f"The {_group(shape, question)} is {value}."
+    if kind == "shape":
+        colour = re.fullmatch(r"What shape is the (.+) object\?", question.text)
+        return f"The {_group(colour, question)} object is {article(value)} {value}."
+    if kind == "count":
+        plural = _group(re.fullmatch(r"How many (.+) are there in the image\?", question.text), question)
+        shape = next((s for s, p in PLURALS.items() if p == plural), None)
+        if shape is None:
+            raise ValueError(f"count question {question.text!r}: unknown plural {plural!r}")
+        return f"There is 1 {shape}." if value == "1" else f"There are {value} {plural}."
+    if kind == "position":
+        pair = re.fullmatch(r"Is the (.+) to the left of the (.+)\?", question.text)
+        a, b = _group(pair, question), str(pair.group(2))
+        side = "to the left of" if value == "yes" else "to the right of"
+        return f"{value.capitalize()}, the {a} is {side} the {b}."
+    raise ValueError(f"unknown question type {kind!r}")
+
+
+def _group(match: re.Match | None, question: Question) -> str:
+    if match is None:
+        raise ValueError(f"{question.question_type} question {question.text!r} does not match its template")
+    return match.group(1)
 
 
 def parse_answer(text: str, values: Sequence[str]) -> str | None:
@@ -158,9 +187,13 @@ def benchmark_questions(
         index += 1
         for question_type, question in feasible_questions(scene, rng).items():
             values = answer_set(question_type, world.config.max_objects)
-            if question.answer not in values:
+            if (
+                question.answer not in values
+                or candidate_statement(question, question.answer) != question.statement
+            ):
                 raise ValueError(
-                    f"{scenes_file} line {line_number}: answer {question.answer!r} not in {values}"
+                    f"{scenes_file} line {line_number}: answer {question.answer!r} / {question.statement!r} "
+                    f"does not fit the candidates {values} (has llava.data.synthetic changed its templates?)"
                 )
             by_type[question_type].append(
                 {
@@ -168,8 +201,8 @@ def benchmark_questions(
                     "image": f"images/{split}/{entry['id']}.png",
                     "question": question.text,
                     "answer": question.answer,
-                    "choices": [short_answer(v) for v in values],
-                    "target": short_answer(question.answer),
+                    "choices": [candidate_statement(question, v) for v in values],
+                    "target": question.statement,
                     "values": values,
                 }
             )
