@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole paper in miniature, end to end on CPU, offline (`make demo` runs this):
-# tiny presets → synthetic world → Stage 1a → Stage 1b → Stage 2 SFT and DPO from the same Stage-1
-# checkpoint on the same samples, for every seed in SEEDS (+ controls with DEMO_CONTROLS=1) → encoder export →
-# world benchmark through lmms-eval, linear probe, segmentation probe, Platonic alignment (MiniLM as reference
-# LM), Grad-CAM with localisation → runs/demo/report/report.md with claim-by-claim verdicts.
-# Tiny random-initialised models: the numbers show the pipeline working, not the paper's result.
+# tiny presets → synthetic world → Stage 0 (tower pretraining on the world) → Stage 1a → Stage 1b → Stage 2
+# SFT and DPO from the same Stage-1 checkpoint on the same samples, for every seed in SEEDS (+ controls with
+# DEMO_CONTROLS=1) → encoder export → world benchmark through lmms-eval, linear probe, segmentation probe,
+# Platonic alignment (MiniLM as reference LM), Grad-CAM with localisation → runs/demo/report/report.md with
+# claim-by-claim verdicts. Tiny models, sizes and steps chosen by measurement (docs/DECISIONS.md, "The
+# miniature as an instrument"): the numbers are a small real experiment, not the paper's result.
 # Every variable can be set from the environment, e.g. DEMO_SCALE=medium make demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,13 +15,15 @@ DEMO_DIR=${DEMO_DIR:-runs/demo}
 SEED=${SEED:-0}
 PYTHON=${PYTHON:-python}
 
+# Worlds and step counts per scale. S0_STEPS: Stage-0 steps of S0_BATCH images; EPOCHS_S1A/EPOCHS_S1B: epochs
+# over the NUM_TRAIN captions / instruct conversations at GLOBAL_BATCH.
 case "$DEMO_SCALE" in
-  smoke)  NUM_TRAIN=48;  NUM_VAL=24;  IMAGE_SIZE=32; MMPR_SIZE=32;  GLOBAL_BATCH=8;  EPOCHS_S1=1; EPOCHS_S2=1
-          SEG_SEEDS=2; ALIGN_SAMPLES=24;  ALIGN_SEEDS="0 1";   GRADCAM_SAMPLES=2; GRADCAM_STEPS="0 2" ;;
-  small)  NUM_TRAIN=320; NUM_VAL=96;  IMAGE_SIZE=64; MMPR_SIZE=256; GLOBAL_BATCH=16; EPOCHS_S1=2; EPOCHS_S2=3
-          SEG_SEEDS=6; ALIGN_SAMPLES=96;  ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=6; GRADCAM_STEPS="0 5 20" ;;
-  medium) NUM_TRAIN=1600; NUM_VAL=320; IMAGE_SIZE=64; MMPR_SIZE=1024; GLOBAL_BATCH=32; EPOCHS_S1=2; EPOCHS_S2=3
-          SEG_SEEDS=6; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
+  smoke)  NUM_TRAIN=48;  NUM_VAL=24;  IMAGE_SIZE=32; MMPR_SIZE=32;  GLOBAL_BATCH=8;  EPOCHS_S1A=1; EPOCHS_S1B=1; EPOCHS_S2=1
+          S0_STEPS=20;  SEG_SEEDS=2; ALIGN_SAMPLES=24;  ALIGN_SEEDS="0 1";   GRADCAM_SAMPLES=2; GRADCAM_STEPS="0 2" ;;
+  small)  NUM_TRAIN=2000; NUM_VAL=300; IMAGE_SIZE=64; MMPR_SIZE=256; GLOBAL_BATCH=16; EPOCHS_S1A=0.5; EPOCHS_S1B=2; EPOCHS_S2=3
+          S0_STEPS=300; SEG_SEEDS=6; ALIGN_SAMPLES=96;  ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=6; GRADCAM_STEPS="0 5 20" ;;
+  medium) NUM_TRAIN=4000; NUM_VAL=500; IMAGE_SIZE=64; MMPR_SIZE=1024; GLOBAL_BATCH=32; EPOCHS_S1A=1; EPOCHS_S1B=3; EPOCHS_S2=3
+          S0_STEPS=1200; SEG_SEEDS=6; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
   *) echo "DEMO_SCALE=$DEMO_SCALE: choose smoke, small or medium" >&2; exit 2 ;;
 esac
 # Stage-2 training seeds (>= 2: the report pairs DPO with SFT seed by seed) and the controls
@@ -31,13 +34,23 @@ case "$DEMO_SCALE" in
   medium) SEEDS=${SEEDS:-"0 1 2"}; DEMO_CONTROLS=${DEMO_CONTROLS:-1}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-128} ;;
 esac
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
-# Learning rates are scaled up for tiny random models (the paper's would barely move them); Stage 1b keeps
+S0_BATCH=${S0_BATCH:-64}
+# Tiny model sizes (llava.tiny): a 4-layer SigLIP on 8-px patches and a 4-layer Qwen2 deep enough to
+# ground its answer in the question (docs/DECISIONS.md).
+VISION_HIDDEN=${VISION_HIDDEN:-64}; VISION_LAYERS=${VISION_LAYERS:-4}; PATCH=${PATCH:-8}
+LLM_HIDDEN=${LLM_HIDDEN:-128}; LLM_LAYERS=${LLM_LAYERS:-4}
+# One torch thread per process: with 2 threads a run slows several-fold as soon as another process takes a
+# core (docs/DECISIONS.md, "Threads"); set DEMO_THREADS=2 on an otherwise idle machine.
+DEMO_THREADS=${DEMO_THREADS:-1}
+export OMP_NUM_THREADS=$DEMO_THREADS MKL_NUM_THREADS=$DEMO_THREADS
+# Learning rates are scaled up for tiny models (the paper's would barely move them); Stage 1b keeps
 # the paper's 5:1 LLM:tower ratio and Stage 2 its 5:1 SFT:DPO ratio (5e-6 : 1e-6).
+LR_S0=${LR_S0:-1e-3}
 LR_S1A=${LR_S1A:-1e-3}; LR_S1B=${LR_S1B:-1e-3}; VISION_LR_S1B=${VISION_LR_S1B:-2e-4}
 LR_SFT=${LR_SFT:-5e-4}; LR_DPO=${LR_DPO:-1e-4}; BETA=${BETA:-0.1}
 
 TINY=$DEMO_DIR/tiny; WORLD=$DEMO_DIR/world; DATA=$DEMO_DIR/data; RESULTS=$DEMO_DIR/results
-export PYTHON LLM_VERSION=$TINY/llm VISION_MODEL_VERSION=$TINY/siglip IMAGE_FOLDER=$WORLD
+export PYTHON LLM_VERSION=$TINY/llm VISION_MODEL_VERSION=$DEMO_DIR/stage0 IMAGE_FOLDER=$WORLD
 export GLOBAL_BATCH PER_DEVICE_BATCH SEED WORKERS=0 SAVE_STEPS=100000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 
@@ -85,18 +98,22 @@ if [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ]; then
 fi
 mkdir -p "$DEMO_DIR" && touch "$DEMO_DIR/$MARKER" && mkdir -p "$LOG" "$RESULTS"
 echo "[demo] scale=$DEMO_SCALE dir=$DEMO_DIR (per-stage logs in $LOG)"
-stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_size "$IMAGE_SIZE" --towers siglip
+stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_size "$IMAGE_SIZE" --towers siglip \
+                          --vision_hidden "$VISION_HIDDEN" --vision_layers "$VISION_LAYERS" --patch_size "$PATCH" \
+                          --llm_hidden "$LLM_HIDDEN" --llm_layers "$LLM_LAYERS"
 stage world             "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
-                          --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --image_size "$IMAGE_SIZE"
+                          --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --image_size "$IMAGE_SIZE" --label colour
 SEG_CLASSES=$("$PYTHON" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORLD/ade/classes.json")
 stage mmpr_convert      "$PYTHON" -m llava.data.mmpr --meta_path "$WORLD/mmpr/meta.json" --out_dir "$DATA" \
                           --size "$MMPR_SIZE" --seed "$SEED" --tokenizer "$TINY/llm" --image_folder "$WORLD" \
-                          --image_tokens $(( (IMAGE_SIZE / 8) ** 2 ))  # tiny SigLIP: patch 8, square
+                          --image_tokens $(( (IMAGE_SIZE / PATCH) ** 2 ))  # tiny SigLIP: square, no CLS
+stage stage0_tower      env VISION_MODEL_VERSION="$TINY/siglip" WORLD="$WORLD" OUTPUT_DIR="$DEMO_DIR/stage0" \
+                          STEPS="$S0_STEPS" BATCH="$S0_BATCH" LR="$LR_S0" bash scripts/train/stage0.sh
 stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$DEMO_DIR/stage1_proj" \
-                          LR="$LR_S1A" EPOCHS="$EPOCHS_S1" bash scripts/train/stage1_proj.sh --save_strategy no
+                          LR="$LR_S1A" EPOCHS="$EPOCHS_S1A" bash scripts/train/stage1_proj.sh --save_strategy no
 stage stage1b_full      env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \
                           OUTPUT_DIR="$DEMO_DIR/stage1_full" LR="$LR_S1B" VISION_LR="$VISION_LR_S1B" \
-                          EPOCHS="$EPOCHS_S1" bash scripts/train/stage1_full.sh --save_strategy no
+                          EPOCHS="$EPOCHS_S1B" bash scripts/train/stage1_full.sh --save_strategy no
 # Stage 2 from the one Stage-1 checkpoint: SFT and DPO per training seed (same samples, same order within a
 # seed), and with DEMO_CONTROLS=1 two controls per seed: DPO with the vision tower frozen (the encoder gets no
 # gradient) and sign-flipped DPO (llava/train/losses.py dpo_sign_flipped, it prefers the wrong answers).
