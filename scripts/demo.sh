@@ -138,15 +138,22 @@ pwait
 stage original_tower    "$PYTHON" -m llava.export --vision_tower "$VISION_MODEL_VERSION" "$DEMO_DIR/original"
 
 # World benchmark (llava/data/world_bench.py): held-out questions as local lmms-eval tasks, run through
-# `--model pivot` (scripts/eval/cambrian16.sh with SUITE=world) for every language model, then one table.
+# lmms-eval's CLI with `--model pivot` for every language model (llava.eval.run_many: one process per group
+# of checkpoints, DEMO_JOBS groups, so lmms-eval's imports are paid once per group), then one table.
 BENCH=$DEMO_DIR/bench
 stage world_bench       "$PYTHON" -m llava.data.world_bench --world "$WORLD" --out_dir "$BENCH" \
                           --per_type "$BENCH_PER_TYPE"
 BENCH_TASKS=$("$PYTHON" -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks']))" "$BENCH/bench.json")
-eval_world() {  # eval_world NAME CHECKPOINT: lmms-eval output in $DEMO_DIR/eval/NAME/<model>/
-  env NUM_GPUS=0 SUITE=world TASKS="$BENCH_TASKS" BATCH_SIZE=16 OUTPUT_DIR="$DEMO_DIR/eval/$1" \
-    bash scripts/eval/cambrian16.sh "$2" --include_path "$BENCH/tasks" --verbosity WARNING
-}
+MODELS=("stage1=$DEMO_DIR/stage1_full")
+for S in $SEEDS; do for C in "${CONDITIONS[@]}"; do MODELS+=("${C}_s$S=$DEMO_DIR/stage2/${C}_s$S"); done; done
+for ((J = 0; J < DEMO_JOBS; J++)); do
+  GROUP=()
+  for ((i = J; i < ${#MODELS[@]}; i += DEMO_JOBS)); do GROUP+=("${MODELS[$i]}"); done
+  [ ${#GROUP[@]} -gt 0 ] || continue
+  pstage "eval_world_$J" "$PYTHON" -m llava.eval.run_many --output_root "$DEMO_DIR/eval" "${GROUP[@]}" -- \
+                          --tasks "$BENCH_TASKS" --include_path "$BENCH/tasks" --batch_size 16 --verbosity WARNING
+done
+pwait
 # Loss labels group the bars of Figure 2 (mean ± std over seeds); the controls get bars of their own.
 declare -A LOSS_LABEL=([sft]=sft [dpo]=dpo [dpo_frozen]="dpo (frozen tower)" [dpo_flipped]=dpo_sign_flipped)
 TOWER_LABEL="\"vision_tower\": \"$(basename "$VISION_MODEL_VERSION")\""
@@ -155,11 +162,6 @@ label_eval() {  # label_eval NAME LABELS_JSON
   local results=("$DEMO_DIR/eval/$1"/*/*_results.json)
   LABELS+=("\"$(dirname "${results[0]}")\": $2")
 }
-pstage eval_stage1      eval_world stage1 "$DEMO_DIR/stage1_full"
-for S in $SEEDS; do
-  for C in "${CONDITIONS[@]}"; do pstage "eval_${C}_s$S" eval_world "${C}_s$S" "$DEMO_DIR/stage2/${C}_s$S"; done
-done
-pwait
 label_eval stage1 '{"run": "stage1"}'
 LABELS_DIRS=("$DEMO_DIR/eval/stage1")
 for S in $SEEDS; do

@@ -181,3 +181,22 @@ def test_cli_scores_equal_the_adapters_own_answers(tiny_dir, bench, tmp_path):
     assert row["Colour (greedy)"] == pytest.approx(100 * sum(greedy) / len(greedy))
     assert row["General"] == pytest.approx((row["Colour (forced choice)"] + row["Colour (greedy)"]) / 2)
     assert "Count (greedy)" in row["missing"]
+
+
+def test_run_many_rejects_bad_checkpoint_lists(tmp_path, capsys):
+    from llava.eval.run_many import main as run_many
+
+    (tmp_path / "ckpt").mkdir()
+    good = f"a={tmp_path}/ckpt"
+    for argv, message in (
+        ([f"a{tmp_path}"], "expected NAME=CHECKPOINT"),
+        ([f"a={tmp_path}/x,y"], "cannot carry a comma"),
+        ([good], "not a checkpoint directory"),
+    ):
+        with pytest.raises(SystemExit):
+            run_many([*argv, "--output_root", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        run_many([good, good, "--output_root", str(tmp_path / "out")])
+    assert "names must be unique" in capsys.readouterr().err
