@@ -14,10 +14,11 @@ results rows into, per measure,
 - mean ± std (ddof 1) over pair keys per condition, and paired differences ``a − b`` over the keys
   both have: DPO − SFT (the effect) and the controls next to it, sign-flipped DPO − DPO, frozen-
   encoder DPO − DPO, and Stage 1 − original tower;
-- a verdict for the claim's primary measure, computed from the paired DPO − SFT differences:
-  *resolved* when every difference has the same sign and ``|mean| > 2·std/√n`` (two standard errors;
-  with std 0 any non-zero mean), then "reproduces" (DPO > SFT, the paper's direction) or "does not
-  reproduce" (SFT > DPO); otherwise "cannot tell" (fewer than 2 pairs, or within seed noise).
+- a verdict for the claim's primary measure, computed from the paired DPO − SFT differences with a
+  paired t-test (two-sided, 95 %): *resolved* when ``|mean| > t(0.975, n−1)·std/√n`` (with std 0, any
+  non-zero mean), then "reproduces" (DPO > SFT, the paper's direction) or "does not reproduce"
+  (SFT > DPO); otherwise "cannot tell" (fewer than 2 pairs, or within seed noise). With 2 seeds the
+  bar is 12.7 standard errors: only a large and consistent difference is resolved.
   Every measure here is higher-is-better for the paper's claim.
 """
 
@@ -38,12 +39,12 @@ CONTROLS: tuple[tuple[str, str, str], ...] = (
 )
 """Control differences shown next to the effect: (condition a, condition b, label of a − b)."""
 MIN_PAIRS = 2
-SE_FACTOR = 2.0
+CONFIDENCE = 0.95
 METHOD_NOTE = (
     "Each measure is averaged over its repeats (e.g. probe seeds) per training seed, then shown as mean ± std "
     "over training seeds (Grad-CAM: over samples). DPO − SFT is paired by seed (sample); the controls beside it "
-    "show what a broken or absent effect looks like. Verdict: *reproduces* / *does not reproduce* when every "
-    f"paired difference has the same sign and |mean| > {SE_FACTOR:g} standard errors (std/√n), else *cannot tell*."
+    "show what a broken or absent effect looks like. Verdict: a two-sided paired t-test of DPO − SFT at "
+    f"{CONFIDENCE:.0%}: *reproduces* / *does not reproduce* when |mean| > t·std/√n, else *cannot tell*."
 )
 CONDITION_ORDER: tuple[str, ...] = ("original", "stage1", "sft", "dpo", "dpo_frozen", "dpo_flipped")
 
@@ -229,18 +230,24 @@ def evaluate(measure: Measure, rows: Sequence[dict[str, Any]]) -> MeasureResult:
     return result
 
 
-def verdict(effect: Stat) -> str:
+def verdict(effect: Stat, digits: int = 2) -> str:
     """The claim's verdict from the paired DPO − SFT differences (module docstring)."""
     if effect.n < MIN_PAIRS:
         return f"cannot tell: {effect.n} paired seed(s), need {MIN_PAIRS}"
-    std = effect.std or 0.0
-    same_sign = all(d > 0 for d in effect.values) or all(d < 0 for d in effect.values)
-    resolved = same_sign and abs(effect.mean) > SE_FACTOR * std / math.sqrt(effect.n)
-    if not resolved:
-        return f"cannot tell: DPO − SFT = {effect.text()} is within seed noise"
+    bar = t_critical(effect.n) * (effect.std or 0.0) / math.sqrt(effect.n)
+    shown = f"DPO − SFT = {effect.text(digits)}"
+    if not abs(effect.mean) > bar:
+        return f"cannot tell: {shown} is within seed noise (needs |mean| > {bar:.{digits}f})"
     if effect.mean > 0:
-        return f"reproduces: DPO − SFT = {effect.text()} (DPO higher in every pair)"
-    return f"does not reproduce: DPO − SFT = {effect.text()} (SFT higher in every pair)"
+        return f"reproduces: {shown} (|mean| > {bar:.{digits}f})"
+    return f"does not reproduce: {shown}, SFT higher (|mean| > {bar:.{digits}f})"
+
+
+def t_critical(n: int) -> float:
+    """Two-sided Student-t critical value at ``CONFIDENCE`` for the mean of ``n`` paired differences."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + CONFIDENCE / 2, n - 1))
 
 
 def evaluate_all(rows_by_kind: Mapping[str, Sequence[dict[str, Any]]]) -> list[MeasureResult]:
@@ -258,11 +265,15 @@ def _md(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
 
 
+def _digits(measure: Measure) -> int:
+    return 3 if measure.kind in ("alignment", "gradcam") else 2
+
+
 def seed_table(results: Sequence[MeasureResult]) -> str:
     """Markdown: conditions and paired differences (rows) × measures of one kind (columns)."""
     if not results:
         return ""
-    digits = 3 if results[0].measure.kind in ("alignment", "gradcam") else 2
+    digits = _digits(results[0].measure)
     conditions = list(dict.fromkeys(c for r in results for c in r.conditions))
     differences = list(dict.fromkeys(d for r in results for d in r.differences))
     body = [
@@ -292,12 +303,14 @@ def claims_table(results: Sequence[MeasureResult]) -> str:
         if primary is None:
             body.append([claim, "–", "–", "–", "cannot tell: not measured in this run"])
             continue
+        digits = _digits(primary.measure)
         controls = "; ".join(
-            f"{label}: {primary.differences[label].text()}"
+            f"{label}: {primary.differences[label].text(digits)}"
             for _, _, label in CONTROLS
             if label in primary.differences
         )
+        effect = primary.effect
         body.append(
-            [claim, primary.measure.name, primary.effect.text(), controls or "–", verdict(primary.effect)]
+            [claim, primary.measure.name, effect.text(digits), controls or "–", verdict(effect, digits)]
         )
     return _md(["claim (paper: DPO > SFT)", "measure", "DPO − SFT (paired)", "controls", "verdict"], body)

@@ -446,7 +446,11 @@ def render_report(
         figures = [o for o in outcomes if o.kind == kind and o.path is not None]
         if not grouped[kind]:
             continue
-        lines += [f"## {SECTION_TITLES[kind]}", ""]
+        world = kind == "benchmarks" and all(f.doc.get("suite") == "world" for f in grouped[kind])
+        lines += [
+            f"## {'Benchmarks (world suite, Cambrian categories)' if world else SECTION_TITLES[kind]}",
+            "",
+        ]
         sources = [_shown_path(f.path, results_dir, out_dir) for f in grouped[kind]]
         lines += [f"Sources: {', '.join(f'`{source}`' for source in sources)}", ""]
         seeds = claims.seed_table([r for r in measured if r.measure.kind == kind])

@@ -68,10 +68,11 @@ def test_repeats_average_before_seeds_and_differences_pair_by_seed():
 @pytest.mark.parametrize(
     ("diffs", "expected"),
     [
-        ([5.0, 10.0], "reproduces"),  # mean 7.5 > 2 * 3.54 / sqrt(2) = 5.0
-        ([-5.0, -10.0], "does not reproduce"),
-        ([1.0, 14.0], "cannot tell"),  # same sign, but mean 7.5 < 2 * 9.19 / sqrt(2) = 13.0
-        ([5.0, -1.0], "cannot tell"),  # signs differ
+        ([10.0, 10.5], "reproduces"),  # mean 10.25 > t(0.975, 1) * 0.354 / sqrt(2) = 3.18
+        ([-10.0, -10.5], "does not reproduce"),
+        ([5.0, 10.0], "cannot tell"),  # mean 7.5 < 12.71 * 3.54 / sqrt(2) = 31.8
+        ([5.0, 6.0, 7.0], "reproduces"),  # mean 6 > t(0.975, 2) * 1 / sqrt(3) = 2.48
+        ([5.0, -1.0], "cannot tell"),
         ([0.0, 0.0], "cannot tell"),  # a measure stuck at one value
         ([3.0, 3.0], "reproduces"),  # no spread at all: any non-zero mean is resolved
         ([9.0], "cannot tell"),  # one seed
@@ -79,6 +80,7 @@ def test_repeats_average_before_seeds_and_differences_pair_by_seed():
 )
 def test_verdict_from_paired_differences(diffs, expected):
     assert claims.verdict(claims.Stat(diffs)).startswith(expected)
+    assert claims.t_critical(2) == pytest.approx(12.706, abs=1e-3)
 
 
 def test_gradcam_pairs_by_sample_at_the_last_step_and_alignment_by_vision():
@@ -111,7 +113,7 @@ def _write(path: Path, doc: dict) -> Path:
 
 def test_report_states_each_claim_and_labels_files_with_their_training_seed(tmp_path):
     results = tmp_path / "results"
-    for seed, (sft, dpo) in enumerate([(0.40, 0.50), (0.45, 0.60)]):
+    for seed, (sft, dpo) in enumerate([(0.40, 0.50), (0.45, 0.56)]):
         rows = [
             {"run": run, "seed": 0, "top1": value, **PROBE} for run, value in (("sft", sft), ("dpo", dpo))
         ]
@@ -135,7 +137,7 @@ def test_report_states_each_claim_and_labels_files_with_their_training_seed(tmp_
     lines = {
         line.split("|")[1].strip(): line for line in claims_section.splitlines() if line.startswith("| ")
     }
-    assert "reproduces: DPO − SFT = 12.50 ± 3.54 (n=2)" in lines["encoder probes"]
+    assert "reproduces: DPO − SFT = 10.50 ± 0.71 (n=2) (|mean| > 6.35)" in lines["encoder probes"]
     assert "cannot tell: DPO − SFT = 0.00 ± 0.00 (n=2) is within seed noise" in lines["vision-centric VQA"]
     assert "cannot tell: not measured in this run" in lines["segmentation"]
-    assert "**DPO − SFT** (paired) | 12.50 ± 3.54 (n=2)" in text  # the linear-probe seed table
+    assert "**DPO − SFT** (paired) | 10.50 ± 0.71 (n=2)" in text  # the linear-probe seed table
