@@ -56,11 +56,17 @@ export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 
 START=$SECONDS
 LOG=$DEMO_DIR/logs
-stage() {  # stage NAME COMMAND...: run one stage, log its output, print one line with elapsed time
-  local name=$1 began=$SECONDS; shift
+cpu_now() {  # CPU=user + system CPU seconds of every finished child of this script (`times` must run in this shell)
+  times >"$LOG/.times"
+  CPU=$(tail -n 1 "$LOG/.times" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
+}
+stage() {  # stage NAME COMMAND...: run one stage, log its output, print one line with elapsed and CPU time
+  local name=$1 began=$SECONDS cpu_began; shift
+  cpu_now; cpu_began=$CPU
   printf '[demo] %-34s ... ' "$name"
   if "$@" >"$LOG/$name.log" 2>&1; then
-    printf 'done in %4ds (total %4ds)\n' $((SECONDS - began)) $((SECONDS - START))
+    cpu_now
+    printf 'done in %4ds (cpu %4ds; total %4ds)\n' $((SECONDS - began)) $((CPU - cpu_began)) $((SECONDS - START))
   else
     printf 'FAILED; last lines of %s:\n' "$LOG/$name.log"; tail -n 30 "$LOG/$name.log"; exit 1
   fi
@@ -209,4 +215,5 @@ done
 stage report            "$PYTHON" -m analysis.report "$RESULTS" "$DEMO_DIR/report" --title "pivot miniature run ($DEMO_SCALE)" \
                           --caveat "A miniature run of tiny models on a synthetic world ($DEMO_SCALE scale, Stage-2 seeds: $SEEDS, controls: $DEMO_CONTROLS), made to show the whole pipeline working on CPU. It is not the paper's result; each claim's verdict below is computed from these numbers, whatever they turn out to be."
 stage metrics           "$PYTHON" -m analysis.summary "$DEMO_DIR" --out "$DEMO_DIR/metrics.json"
-echo "[demo] finished in $((SECONDS - START)) s. Report: $DEMO_DIR/report/report.md  metrics: $DEMO_DIR/metrics.json"
+cpu_now
+echo "[demo] finished in $((SECONDS - START)) s (cpu $CPU s; load average now: $(cut -d' ' -f1-3 /proc/loadavg)). Report: $DEMO_DIR/report/report.md  metrics: $DEMO_DIR/metrics.json"
