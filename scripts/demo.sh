@@ -57,8 +57,8 @@ export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 START=$SECONDS
 LOG=$DEMO_DIR/logs
 cpu_now() {  # CPU=user + system CPU seconds of every finished child of this script (`times` must run in this shell)
-  times >"$LOG/.times"
-  CPU=$(tail -n 1 "$LOG/.times" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
+  times >"$LOG/.times.$BASHPID"  # one file per (sub)shell: pstage's subshells run side by side
+  CPU=$(tail -n 1 "$LOG/.times.$BASHPID" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
 }
 stage() {  # stage NAME COMMAND...: run one stage, log its output, print one line with elapsed and CPU time
   local name=$1 began=$SECONDS cpu_began; shift
@@ -80,7 +80,8 @@ pstage() {
   (
     began=$SECONDS
     if "${@:2}" >"$LOG/$1.log" 2>&1; then
-      printf '[demo] %-34s ... done in %4ds (total %4ds)\n' "$1" $((SECONDS - began)) $((SECONDS - START))
+      cpu_now  # in this subshell: the CPU seconds of this stage's own children
+      printf '[demo] %-34s ... done in %4ds (cpu %4ds; total %4ds)\n' "$1" $((SECONDS - began)) "$CPU" $((SECONDS - START))
     else
       printf '[demo] %-34s ... FAILED; last lines of %s:\n' "$1" "$LOG/$1.log"; tail -n 30 "$LOG/$1.log"; exit 1
     fi
