@@ -133,14 +133,15 @@ def test_stage1_answers_colour_questions_from_the_image(stage1):
 
 # Sign flip (issue 14): Stage 2 from the same Stage-1 model on held-in colour preference pairs (chosen: the
 # right colour sentence; rejected: a wrong colour), once with DPO and once with the sign-flipped control loss
-# (llava/train/losses.py dpo_sign_flipped). The flipped run must answer held-out colour questions worse by
-# FLIP_MARGIN: the prototype measured ~59 % vs 12 % with ~4 points of seed noise (docs/DECISIONS.md).
+# (llava/train/losses.py dpo_sign_flipped), 20 steps at LR 5e-4. The flipped run must answer held-out colour
+# questions worse by FLIP_MARGIN: on i14a's prototype Stage-1 model these settings gave 59.7 % (DPO) vs 17.0 %
+# (flipped; majority 18.8 %), with 1.5-4 points of seed noise (docs/DECISIONS.md).
 FLIP_MARGIN = 0.15
 STAGE2_FLAGS = [
     "--conv_template", "qwen_1_5", "--reference", "precomputed", "--beta", "0.1",
     "--mm_tunable_parts", "mm_vision_tower,mm_mlp_adapter,mm_language_model",
-    "--learning_rate", "1e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03",
-    "--per_device_train_batch_size", "16", "--max_steps", "60",
+    "--learning_rate", "5e-4", "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03",
+    "--per_device_train_batch_size", "16", "--max_steps", "20",
     "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True", "--dataloader_num_workers", "0",
 ]  # fmt: skip
 
