@@ -127,8 +127,10 @@ def test_stage1_answers_colour_questions_from_the_image(stage1):
     world, checkpoint = stage1
     accuracy, majority = colour_choices(checkpoint, world, shuffle_images=False)
     shuffled, _ = colour_choices(checkpoint, world, shuffle_images=True)
-    assert accuracy > majority + 0.15, (accuracy, majority)
-    assert accuracy > shuffled + 0.15, (accuracy, shuffled)
+    # Measured (seeds 0, 1): accuracy 46.2 / 44.7 %, majority 23.1 / 24.6 %, shuffled images 13.7 / 18.4 %;
+    # the 12-point margins sit 8+ points below the smallest measured gap and ~2 binomial SEs above zero.
+    assert accuracy > majority + 0.12, (accuracy, majority)
+    assert accuracy > shuffled + 0.12, (accuracy, shuffled)
 
 
 # Sign flip (issue 14): Stage 2 from the same Stage-1 model on held-in colour preference pairs (chosen: the

@@ -328,8 +328,7 @@ class WorldConfig:
     questions_per_image: int = 2
     jpeg_quality: int = 95
     label: str = "colour"
-    """What the ImageFolder label (of the largest object) and the ADE mask classes are: ``"colour"``
-    or ``"shape"`` (docs/DECISIONS.md: a tiny patch-8 ViT carries colour, not shape)."""
+    """ImageFolder label (of the largest object) and ADE classes: ``"colour"`` or ``"shape"``."""
 
     def __post_init__(self) -> None:
         if self.label not in LABEL_CLASSES:
@@ -579,28 +578,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="MMPR preference questions (distinct types) per train image",
     )
     parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of ade/images")
-    parser.add_argument(
-        "--label",
-        choices=sorted(LABEL_CLASSES),
-        default="colour",
-        help="ImageFolder label (of the largest object) and ADE mask classes",
-    )
+    labels = sorted(LABEL_CLASSES)
+    parser.add_argument("--label", choices=labels, default="colour", help="ImageFolder label and ADE classes")
     parser.add_argument("--overwrite", action="store_true", help="replace a world already in --out_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = generate_world(
-        args.out_dir,
-        seed=args.seed,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        image_size=args.image_size,
-        min_objects=args.min_objects,
-        max_objects=args.max_objects,
-        questions_per_image=args.questions_per_image,
-        jpeg_quality=args.jpeg_quality,
-        label=args.label,
-        overwrite=args.overwrite,
-    )
+    summary = generate_world(**vars(args))  # every CLI flag is a generate_world argument of the same name
     print(json.dumps({"root": str(summary.root), **summary.counts}, indent=2))
 
 
