@@ -53,7 +53,11 @@ MMVP index to ``doc_id``.
 
 Outputs: ``benchmarks.csv``, ``benchmarks.md`` and ``benchmarks.json`` (CONTRACTS §4, kind
 "benchmarks": one row per run with ``run``, its labels, one 0–100 key per benchmark, the category
-averages, ``Average`` and ``missing``). CLI: ``python -m analysis.benchmarks RUN_DIR... --out_dir DIR``.
+averages, ``Average`` and ``missing``; ``suite`` names the registry). CLI:
+``python -m analysis.benchmarks RUN_DIR... --out_dir DIR [--suite world]``.
+
+``--suite world`` scores the miniature's own suite instead (``WORLD_BENCHMARKS``: held-out questions
+about the synthetic world, llava/data/world_bench.py), with the same categories and averages.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ logger = logging.getLogger(__name__)
 
 CATEGORIES: tuple[str, ...] = ("General", "Knowledge", "OCR & Chart", "Vision-centric")
 AVERAGE = "Average"
-LABEL_KEYS: tuple[str, ...] = ("loss_type", "vision_tower", "llm", "data_size", "seed")
+LABEL_KEYS: tuple[str, ...] = ("loss_type", "vision_tower", "llm", "data_size", "seed", "train_seed")
+"""Run labels; ``train_seed`` is the Stage-2 training seed where a study repeats training (analysis.claims)."""
 SAMPLES_MODES: tuple[str, ...] = ("no", "prefer", "require")
 RESULTS_SUFFIX = "_results.json"
 
@@ -158,6 +163,27 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 
+WORLD_BENCHMARKS: dict[str, BenchmarkSpec] = {
+    f"{question_type.capitalize()} ({'forced choice' if mode == 'choice' else 'greedy'})": BenchmarkSpec(
+        f"world_{question_type}_{mode}",
+        ("acc,none",) if mode == "choice" else ("exact_match,none",),
+        1,
+        category,
+    )
+    for category, question_type in (
+        ("General", "colour"),
+        ("Knowledge", "position"),
+        ("OCR & Chart", "shape"),
+        ("Vision-centric", "count"),
+    )
+    for mode in ("choice", "gen")
+}
+"""The miniature's world benchmark suite (llava/data/world_bench.py): one question type per category,
+each as a forced-choice and a greedy-generation task."""
+
+SUITES: dict[str, dict[str, BenchmarkSpec]] = {"cambrian16": BENCHMARKS, "world": WORLD_BENCHMARKS}
+
+
 def category_members(registry: dict[str, BenchmarkSpec]) -> dict[str, list[str]]:
     """Benchmark display names per category, in registry order."""
     return {cat: [name for name, spec in registry.items() if spec.category == cat] for cat in CATEGORIES}
@@ -171,13 +197,17 @@ def _read_mapping(path: Path) -> Any:
         raise ValueError(f"{path}: cannot parse ({exc})") from exc
 
 
-def load_registry(override: Path | dict[str, Any] | None = None) -> dict[str, BenchmarkSpec]:
-    """The default registry, with per-benchmark fields replaced from an override file or dict.
+def load_registry(
+    override: Path | dict[str, Any] | None = None, suite: str = "cambrian16"
+) -> dict[str, BenchmarkSpec]:
+    """The registry of ``suite`` (``SUITES``), with per-benchmark fields replaced from an override.
 
-    Allowed fields: task, metric_keys (list or one string), scale, samples, recompute. The 16 names
+    Allowed fields: task, metric_keys (list or one string), scale, samples, recompute. The names
     and their categories are fixed (they define the paper's averages).
     """
-    registry = dict(BENCHMARKS)
+    if suite not in SUITES:
+        raise ValueError(f"unknown benchmark suite {suite!r}; known: {sorted(SUITES)}")
+    registry = dict(SUITES[suite])
     if override is None:
         return registry
     source = str(override) if not isinstance(override, dict) else "override dict"
@@ -365,7 +395,7 @@ def score_run(run: LmmsEvalRun, registry: dict[str, BenchmarkSpec] | None = None
     if missing:
         warnings.append(
             f"{run.label}: averages exclude {len(missing)} missing benchmark(s) {missing}; "
-            "they are not comparable with full 16-benchmark averages"
+            f"they are not comparable with full {len(registry)}-benchmark averages"
         )
     for warning in warnings:
         logger.warning(warning)
@@ -420,8 +450,10 @@ def markdown_table(
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
-        "All scores on 0–100; MME-P is the perception score divided by 20. Averages are plain means "
-        "(each category over its 4 benchmarks, Average over all 16). – = missing.",
+        "All scores on 0–100"
+        + ("; MME-P is the perception score divided by 20" if "MME-P" in registry else "")
+        + f". Averages are plain means (each category over its benchmarks, Average over all {len(registry)})."
+        " – = missing.",
     ]
     if any_partial:
         notes.append(
@@ -454,6 +486,7 @@ def write_outputs(
     paths["md"].write_text(markdown_table(rows, warnings, registry), encoding="utf-8")
     doc = {
         "kind": "benchmarks",
+        "suite": next((name for name, specs in SUITES.items() if set(specs) == set(registry)), None),
         "rows": rows,
         "categories": category_members(registry),
         "registry": {
@@ -496,8 +529,9 @@ def aggregate(
     unused = sorted(set(labels) - used)
     if unused:
         raise ValueError(f"labels given for unknown run(s) {unused}; runs found: {[str(r) for r in runs]}")
-    names = [r.run for r in results]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    # A run label may repeat when another label tells the rows apart (e.g. the same run at two train_seeds).
+    names = [(r.run, json.dumps(r.labels, sort_keys=True, default=str)) for r in results]
+    duplicates = sorted({n for n, labels in names if names.count((n, labels)) > 1})
     if duplicates:
         raise ValueError(f"run labels {duplicates} are not unique; rename them in a labels file")
     return results
@@ -525,9 +559,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--registry", type=Path, help="YAML/JSON override of task names, metric keys or scales per benchmark"
     )
+    parser.add_argument(
+        "--suite",
+        choices=sorted(SUITES),
+        default="cambrian16",
+        help="benchmark suite: cambrian16 (the paper's) or world (the miniature's, llava/data/world_bench.py)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    registry = load_registry(args.registry)
+    registry = load_registry(args.registry, args.suite)
     results = aggregate(args.paths, load_labels(args.labels), registry)
     paths = write_outputs(results, args.out_dir, registry)
     print(paths["md"].read_text(encoding="utf-8"))

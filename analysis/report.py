@@ -3,8 +3,10 @@
 ``python -m analysis.report RESULTS_DIR OUT_DIR`` walks RESULTS_DIR recursively for results JSON
 files (docs/CONTRACTS.md §4: a top-level ``kind`` and ``rows``), groups them by kind, draws each of
 the paper's figure types whose inputs exist (analysis/plots.py) into OUT_DIR/figures/, and writes
-OUT_DIR/report.md: an optional prominent caveat, the tables (benchmarks, linear probe, segmentation
-probe, alignment, Grad-CAM), links to the figures, and the figure types skipped with the reason.
+OUT_DIR/report.md: an optional prominent caveat, the paper's claims one by one with paired DPO − SFT
+differences over training seeds, controls and a computed verdict (analysis/claims.py), the tables
+(benchmarks, linear probe, segmentation probe, alignment, Grad-CAM; each led by its seed table of
+mean ± std and paired differences), links to the figures, and the figure types skipped with the reason.
 
 Optionally ``--lmms_eval DIR`` aggregates raw lmms-eval output first (analysis/benchmarks.py, which
 also writes benchmarks.{csv,md,json} into OUT_DIR). JSON files without a ``kind`` (lmms-eval raw
@@ -34,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from analysis import plots
+from analysis import claims, plots
 from analysis.benchmarks import (
     aggregate,
     load_labels,
@@ -377,7 +379,10 @@ def kind_table(kind: str, files: Sequence[ResultsFile]) -> str:
     rows = [row for file in files for row in file.rows]
     if kind == "benchmarks":
         warnings = [w for file in files for w in file.doc.get("warnings", [])]
-        return markdown_table(rows, warnings)
+        suites = {file.doc.get("suite") or "cambrian16" for file in files}
+        if len(suites) > 1:
+            raise ValueError(f"benchmarks files of different suites {sorted(suites)}: report them apart")
+        return markdown_table(rows, warnings, load_registry(suite=suites.pop()))
     labels = _present(rows, RUN_LABEL_KEYS)  # seeds are averaged over, except in Grad-CAM (n = samples)
     per_seed = [k for k in labels if k != "seed"]
     if kind == "linear_probe":
@@ -431,13 +436,25 @@ def render_report(
         lines.append("")
     counts = ", ".join(f"{kind}: {len(files)}" for kind, files in grouped.items() if files) or "none"
     lines += [f"Generated from `{results_dir}` (results files by kind: {counts}).", ""]
+    measured = claims.evaluate_all(
+        {kind: [row for f in files for row in f.rows] for kind, files in grouped.items()}
+    )
+    if measured:
+        lines += ["## Claims of the paper, seed by seed", "", claims.METHOD_NOTE, ""]
+        lines += [claims.claims_table(measured), ""]
     for kind in KINDS:
         figures = [o for o in outcomes if o.kind == kind and o.path is not None]
         if not grouped[kind]:
             continue
-        lines += [f"## {SECTION_TITLES[kind]}", ""]
+        world = kind == "benchmarks" and all(f.doc.get("suite") == "world" for f in grouped[kind])
+        lines += [
+            f"## {'Benchmarks (world suite, Cambrian categories)' if world else SECTION_TITLES[kind]}",
+            "",
+        ]
         sources = [_shown_path(f.path, results_dir, out_dir) for f in grouped[kind]]
         lines += [f"Sources: {', '.join(f'`{source}`' for source in sources)}", ""]
+        seeds = claims.seed_table([r for r in measured if r.measure.kind == kind])
+        lines += [seeds, "Every run and setting:", ""] if seeds else []
         lines += [kind_table(kind, grouped[kind]), ""]
         for figure in figures:
             rel = Path(figure.path).resolve().relative_to(Path(out_dir).resolve()).as_posix()

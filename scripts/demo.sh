@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole paper in miniature, end to end on CPU, offline (`make demo` runs this):
 # tiny presets → synthetic world → Stage 0 (tower pretraining on the world) → Stage 1a → Stage 1b → Stage 2
-# SFT and DPO from the same Stage-1 checkpoint on the same samples → encoder export → linear probe, segmentation probe, Platonic
-# alignment (MiniLM as reference LM), Grad-CAM with localisation → runs/demo/report/report.md.
-# Tiny models, sizes and steps chosen by measurement (docs/DECISIONS.md, "The miniature as an instrument"):
-# the numbers are a small real experiment, not the paper's result.
+# SFT and DPO from the same Stage-1 checkpoint on the same samples, for every seed in SEEDS (+ controls with
+# DEMO_CONTROLS=1) → encoder export → world benchmark through lmms-eval, linear probe, segmentation probe,
+# Platonic alignment (MiniLM as reference LM), Grad-CAM with localisation → runs/demo/report/report.md with
+# claim-by-claim verdicts. Tiny models, sizes and steps chosen by measurement (docs/DECISIONS.md, "The
+# miniature as an instrument"): the numbers are a small real experiment, not the paper's result.
 # Every variable can be set from the environment, e.g. DEMO_SCALE=medium make demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,13 @@ case "$DEMO_SCALE" in
   medium) NUM_TRAIN=4000; NUM_VAL=500; IMAGE_SIZE=64; MMPR_SIZE=1024; GLOBAL_BATCH=32; EPOCHS_S1A=1; EPOCHS_S1B=3; EPOCHS_S2=3
           S0_STEPS=1200; SEG_SEEDS=6; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
   *) echo "DEMO_SCALE=$DEMO_SCALE: choose smoke, small or medium" >&2; exit 2 ;;
+esac
+# Stage-2 training seeds (>= 2: the report pairs DPO with SFT seed by seed) and the controls
+# (frozen-encoder DPO, sign-flipped DPO; on by default at medium): DEMO_CONTROLS=1 turns them on.
+case "$DEMO_SCALE" in
+  smoke)  SEEDS=${SEEDS:-"0 1"}; DEMO_CONTROLS=${DEMO_CONTROLS:-0}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-8} ;;
+  small)  SEEDS=${SEEDS:-"0 1"}; DEMO_CONTROLS=${DEMO_CONTROLS:-0}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-48} ;;
+  medium) SEEDS=${SEEDS:-"0 1 2"}; DEMO_CONTROLS=${DEMO_CONTROLS:-1}; BENCH_PER_TYPE=${BENCH_PER_TYPE:-128} ;;
 esac
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-8}
 S0_BATCH=${S0_BATCH:-64}
@@ -49,8 +57,8 @@ export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 START=$SECONDS
 LOG=$DEMO_DIR/logs
 cpu_now() {  # CPU=user + system CPU seconds of every finished child of this script (`times` must run in this shell)
-  times >"$LOG/.times"
-  CPU=$(tail -n 1 "$LOG/.times" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
+  times >"$LOG/.times.$BASHPID"  # one file per (sub)shell: pstage's subshells run side by side
+  CPU=$(tail -n 1 "$LOG/.times.$BASHPID" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
 }
 stage() {  # stage NAME COMMAND...: run one stage, log its output, print one line with elapsed and CPU time
   local name=$1 began=$SECONDS cpu_began; shift
@@ -62,6 +70,27 @@ stage() {  # stage NAME COMMAND...: run one stage, log its output, print one lin
   else
     printf 'FAILED; last lines of %s:\n' "$LOG/$name.log"; tail -n 30 "$LOG/$name.log"; exit 1
   fi
+}
+
+# Independent stages (the runs and analyses of different seeds and controls) run DEMO_JOBS at a time, one
+# torch thread each; pstage NAME COMMAND... starts one in the background, pwait waits for all of them.
+DEMO_JOBS=${DEMO_JOBS:-2}
+pstage() {
+  while [ "$(jobs -rp | wc -l)" -ge "$DEMO_JOBS" ]; do wait -n || { pwait; exit 1; }; done
+  (
+    began=$SECONDS
+    if "${@:2}" >"$LOG/$1.log" 2>&1; then
+      cpu_now  # in this subshell: the CPU seconds of this stage's own children
+      printf '[demo] %-34s ... done in %4ds (cpu %4ds; total %4ds)\n' "$1" $((SECONDS - began)) "$CPU" $((SECONDS - START))
+    else
+      printf '[demo] %-34s ... FAILED; last lines of %s:\n' "$1" "$LOG/$1.log"; tail -n 30 "$LOG/$1.log"; exit 1
+    fi
+  ) &
+}
+pwait() {
+  local failed=0 pid
+  for pid in $(jobs -p); do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ] || exit 1
 }
 
 # Only a directory this script made (it holds the marker) is ever deleted; any other non-empty one is refused.
@@ -81,6 +110,7 @@ stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_s
                           --llm_hidden "$LLM_HIDDEN" --llm_layers "$LLM_LAYERS"
 stage world             "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
                           --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --image_size "$IMAGE_SIZE" --label colour
+SEG_CLASSES=$("$PYTHON" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORLD/ade/classes.json")
 stage mmpr_convert      "$PYTHON" -m llava.data.mmpr --meta_path "$WORLD/mmpr/meta.json" --out_dir "$DATA" \
                           --size "$MMPR_SIZE" --seed "$SEED" --tokenizer "$TINY/llm" --image_folder "$WORLD" \
                           --image_tokens $(( (IMAGE_SIZE / PATCH) ** 2 ))  # tiny SigLIP: square, no CLS
@@ -91,34 +121,100 @@ stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$
 stage stage1b_full      env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \
                           OUTPUT_DIR="$DEMO_DIR/stage1_full" LR="$LR_S1B" VISION_LR="$VISION_LR_S1B" \
                           EPOCHS="$EPOCHS_S1B" bash scripts/train/stage1_full.sh --save_strategy no
-for LOSS in sft dpo; do
-  LR=$LR_SFT; [ "$LOSS" = dpo ] && LR=$LR_DPO
-  stage "stage2_$LOSS" env CKPT_PATH="$DEMO_DIR/stage1_full" DATA_PATH="$DATA/mmpr_dpo.json" \
-                          OUTPUT_DIR="$DEMO_DIR/stage2_$LOSS" LR="$LR" BETA="$BETA" EPOCHS="$EPOCHS_S2" \
-                          bash "scripts/train/$LOSS.sh" --save_strategy no
+# Stage 2 from the one Stage-1 checkpoint: SFT and DPO per training seed (same samples, same order within a
+# seed), and with DEMO_CONTROLS=1 two controls per seed: DPO with the vision tower frozen (the encoder gets no
+# gradient) and sign-flipped DPO (llava/train/losses.py dpo_sign_flipped, it prefers the wrong answers).
+CONDITIONS=(sft dpo)
+[ "$DEMO_CONTROLS" = 1 ] && CONDITIONS+=(dpo_frozen dpo_flipped)
+stage2() {  # stage2 CONDITION SEED: one Stage-2 run into $DEMO_DIR/stage2/CONDITION_sSEED
+  local script=dpo.sh lr=$LR_DPO loss=dpo extra=()
+  case $1 in
+    sft) script=sft.sh; lr=$LR_SFT; loss=sft ;;
+    dpo_frozen) extra=(--mm_tunable_parts mm_mlp_adapter,mm_language_model) ;;
+    dpo_flipped) loss=dpo_sign_flipped ;;
+  esac
+  env CKPT_PATH="$DEMO_DIR/stage1_full" DATA_PATH="$DATA/mmpr_dpo.json" OUTPUT_DIR="$DEMO_DIR/stage2/$1_s$2" \
+    SEED="$2" LOSS_TYPE="$loss" LR="$lr" BETA="$BETA" EPOCHS="$EPOCHS_S2" \
+    bash "scripts/train/$script" --save_strategy no "${extra[@]}"
+}
+for S in $SEEDS; do
+  for C in "${CONDITIONS[@]}"; do pstage "stage2_${C}_s$S" stage2 "$C" "$S"; done
 done
-ENCODERS=("$DEMO_DIR/stage1_full" "$DEMO_DIR/stage2_sft" "$DEMO_DIR/stage2_dpo")
-NAMES=(stage1 sft dpo)
-stage linear_probe      "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
-                          --train_data "$WORLD/imagefolder" --train_split train --eval_data "$WORLD/imagefolder" \
-                          --eval_split val --feature_points encoder projector --methods logreg prototype \
-                          --seed "$SEED" --out "$RESULTS/linear_probe.json" --cache_dir "$DEMO_DIR/cache"
-stage seg_probe         "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
-                          --data "$WORLD/ade" --num_classes 7 --seeds "$SEG_SEEDS" --out "$RESULTS/seg_probe.json" \
-                          --png_dir "$RESULTS/seg_examples" --cache_dir "$DEMO_DIR/cache" \
-                          --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
-stage alignment         "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" \
-                          --vision stage1="${ENCODERS[0]}" sft="${ENCODERS[1]}" dpo="${ENCODERS[2]}" \
-                          --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
-                          --out_dir "$RESULTS/alignment"
+pwait
+# The tower Stage 1 started from, exported as the MLLM reads it: the untrained-by-the-MLLM control.
+stage original_tower    "$PYTHON" -m llava.export --vision_tower "$VISION_MODEL_VERSION" "$DEMO_DIR/original"
+
+# World benchmark (llava/data/world_bench.py): held-out questions as local lmms-eval tasks, run through
+# lmms-eval's CLI with `--model pivot` for every language model (llava.eval.run_many: one process per group
+# of checkpoints, DEMO_JOBS groups, so lmms-eval's imports are paid once per group), then one table.
+BENCH=$DEMO_DIR/bench
+stage world_bench       "$PYTHON" -m llava.data.world_bench --world "$WORLD" --out_dir "$BENCH" \
+                          --per_type "$BENCH_PER_TYPE"
+BENCH_TASKS=$("$PYTHON" -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks']))" "$BENCH/bench.json")
+MODELS=("stage1=$DEMO_DIR/stage1_full")
+for S in $SEEDS; do for C in "${CONDITIONS[@]}"; do MODELS+=("${C}_s$S=$DEMO_DIR/stage2/${C}_s$S"); done; done
+for ((J = 0; J < DEMO_JOBS; J++)); do
+  GROUP=()
+  for ((i = J; i < ${#MODELS[@]}; i += DEMO_JOBS)); do GROUP+=("${MODELS[$i]}"); done
+  [ ${#GROUP[@]} -gt 0 ] || continue
+  pstage "eval_world_$J" "$PYTHON" -m llava.eval.run_many --output_root "$DEMO_DIR/eval" "${GROUP[@]}" -- \
+                          --tasks "$BENCH_TASKS" --include_path "$BENCH/tasks" --batch_size 16 --verbosity WARNING
+done
+pwait
+# Loss labels group the bars of Figure 2 (mean ± std over seeds); the controls get bars of their own.
+declare -A LOSS_LABEL=([sft]=sft [dpo]=dpo [dpo_frozen]="dpo (frozen tower)" [dpo_flipped]=dpo_sign_flipped)
+TOWER_LABEL="\"vision_tower\": \"$(basename "$VISION_MODEL_VERSION")\""
+LABELS=()  # analysis.benchmarks labels: lmms-eval's <model> directory -> run (condition) and train_seed
+label_eval() {  # label_eval NAME LABELS_JSON
+  local results=("$DEMO_DIR/eval/$1"/*/*_results.json)
+  LABELS+=("\"$(dirname "${results[0]}")\": $2")
+}
+label_eval stage1 '{"run": "stage1"}'
+LABELS_DIRS=("$DEMO_DIR/eval/stage1")
+for S in $SEEDS; do
+  for C in "${CONDITIONS[@]}"; do
+    label_eval "${C}_s$S" "{\"run\": \"$C\", \"train_seed\": $S, \"loss_type\": \"${LOSS_LABEL[$C]}\", $TOWER_LABEL}"
+    LABELS_DIRS+=("$DEMO_DIR/eval/${C}_s$S")
+  done
+done
+(IFS=,; echo "{${LABELS[*]}}") > "$DEMO_DIR/eval/labels.json"
+stage world_table       "$PYTHON" -m analysis.benchmarks "${LABELS_DIRS[@]}" --suite world \
+                          --labels "$DEMO_DIR/eval/labels.json" --out_dir "$RESULTS/benchmarks"
+
 # shellcheck disable=SC2086
-stage gradcam           "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
+pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
                           --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
                           --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo \
                           --learning_rates sft="$LR_SFT" dpo="$LR_DPO" --beta "$BETA" \
                           --out_dir "$RESULTS/gradcam"
+# Encoder analyses once per training seed over original, Stage 1 and that seed's Stage-2 runs; each results
+# file is stamped with its train_seed so the report pairs DPO with SFT seed by seed (analysis/claims.py).
+for S in $SEEDS; do
+  ENCODERS=("$DEMO_DIR/original" "$DEMO_DIR/stage1_full"); NAMES=(original stage1); VISION=()
+  for C in "${CONDITIONS[@]}"; do ENCODERS+=("$DEMO_DIR/stage2/${C}_s$S"); NAMES+=("$C"); done
+  for i in "${!NAMES[@]}"; do VISION+=("${NAMES[$i]}=${ENCODERS[$i]}"); done
+  OUT=$RESULTS/seed$S
+  pstage "linear_probe_s$S" "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
+                          --train_data "$WORLD/imagefolder" --train_split train --eval_data "$WORLD/imagefolder" \
+                          --eval_split val --feature_points encoder projector --methods logreg prototype \
+                          --seed "$S" --out "$OUT/linear_probe.json" --cache_dir "$DEMO_DIR/cache"
+  pstage "seg_probe_s$S"  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
+                          --data "$WORLD/ade" --num_classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --out "$OUT/seg_probe.json" \
+                          --png_dir "$OUT/seg_examples" --cache_dir "$DEMO_DIR/cache" \
+                          --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
+  # shellcheck disable=SC2086
+  pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
+                          --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
+                          --output_dir "$OUT/alignment"
+done
+pwait
+for S in $SEEDS; do
+  OUT=$RESULTS/seed$S
+  stage "label_s$S"       "$PYTHON" -m analysis.results_rows "$OUT/linear_probe.json" "$OUT/seg_probe.json" \
+                          "$OUT"/alignment/*.json --set train_seed="$S"
+done
 stage report            "$PYTHON" -m analysis.report "$RESULTS" "$DEMO_DIR/report" --title "pivot miniature run ($DEMO_SCALE)" \
-                          --caveat "A miniature run of tiny random-initialised models on a synthetic world ($DEMO_SCALE scale, seed $SEED), made to show the whole pipeline working on CPU. It is not the paper's result; SFT and DPO are shown side by side with seeds, whatever they turn out to be."
+                          --caveat "A miniature run of tiny models on a synthetic world ($DEMO_SCALE scale, Stage-2 seeds: $SEEDS, controls: $DEMO_CONTROLS), made to show the whole pipeline working on CPU. It is not the paper's result; each claim's verdict below is computed from these numbers, whatever they turn out to be."
 stage metrics           "$PYTHON" -m analysis.summary "$DEMO_DIR" --out "$DEMO_DIR/metrics.json"
 cpu_now
 echo "[demo] finished in $((SECONDS - START)) s (cpu $CPU s; load average now: $(cut -d' ' -f1-3 /proc/loadavg)). Report: $DEMO_DIR/report/report.md  metrics: $DEMO_DIR/metrics.json"

@@ -227,3 +227,18 @@ def test_labels_for_an_unknown_run_are_rejected(tmp_path):
 def test_directory_without_results_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="_results.json"):
         aggregate([tmp_path])
+
+
+def test_a_run_label_may_repeat_only_where_another_label_differs(tmp_path):
+    world = {"world_colour_choice": {"acc,none": 0.5}}
+    for name in ("a", "b"):
+        _write_results(tmp_path / name / "model", world)
+    seeds = {str(tmp_path / n / "model"): {"run": "dpo", "train_seed": s} for n, s in (("a", 0), ("b", 1))}
+    rows = aggregate([tmp_path / "a", tmp_path / "b"], labels=seeds, registry=load_registry(suite="world"))
+    assert [(r.run, r.labels["train_seed"], r.scores["Colour (forced choice)"]) for r in rows] == [
+        ("dpo", 0, 50.0),
+        ("dpo", 1, 50.0),
+    ]
+    same = {key: {"run": "dpo", "train_seed": 0} for key in seeds}
+    with pytest.raises(ValueError, match=r"run labels \['dpo'\] are not unique"):
+        aggregate([tmp_path / "a", tmp_path / "b"], labels=same)

@@ -1,8 +1,9 @@
 """The main job in miniature (`make demo` → scripts/demo.sh) at DEMO_SCALE=smoke, end to end on CPU.
 
-Checks what a user is promised: the report and every figure it links exist, the metrics JSON has every
-section, the SFT and DPO runs consumed the same samples in the same order, and both encoders were
-exported in the documented format.
+Checks what a user is promised: the report and every figure it links exist, it states a verdict for every
+claim of the paper, the metrics JSON has every section, the SFT and DPO runs of one seed consumed the same
+samples in the same order (and the two seeds different orders), and the encoders were exported in the
+documented format.
 """
 
 from __future__ import annotations
@@ -16,15 +17,33 @@ import pytest
 
 demo_dir = demo_fixture.demo_dir  # the session fixture, shared with test_notebooks.py through a module cache
 
-FIGURES = ("linear_probe.png", "seg_recall.png", "alignment.png", "gradcam_grid.png")
-SECTIONS = ("training", "linear_probe", "seg_probe", "alignment", "gradcam")
-RUNS = ("stage1_proj", "stage1_full", "stage2_sft", "stage2_dpo")
+FIGURES = (
+    "linear_probe.png",
+    "seg_recall.png",
+    "alignment.png",
+    "gradcam_grid.png",
+    "category_bars_encoder.png",
+)
+SECTIONS = ("training", "linear_probe", "seg_probe", "alignment", "gradcam", "benchmarks")
+SEEDS = (0, 1)  # smoke scale: two Stage-2 seeds, no controls
+STAGE2 = tuple(f"stage2/{loss}_s{seed}" for seed in SEEDS for loss in ("sft", "dpo"))
+RUNS = ("stage1_proj", "stage1_full", *STAGE2)
 
 
 @pytest.mark.slow
 def test_report_links_every_figure(demo_dir):
     report = (demo_dir / "report" / "report.md").read_text()
     assert "not the paper's result" in report
+    claims = report.split("## Claims of the paper, seed by seed")[1].split("\n## ")[0]
+    for claim in (
+        "encoder probes",
+        "segmentation",
+        "Grad-CAM localisation",
+        "vision-centric VQA",
+        "alignment",
+    ):
+        (line,) = [line for line in claims.splitlines() if line.startswith(f"| {claim} |")]
+        assert re.search(r"\| (reproduces|does not reproduce|cannot tell): [^|]+\|$", line), line
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {Path(link).name for link in links} >= set(FIGURES)
     for link in links:
@@ -39,23 +58,27 @@ def test_metrics_json_has_every_section(demo_dir):
     for section in SECTIONS:
         assert metrics[section], section
     assert set(metrics["training"]) == set(RUNS)
-    assert metrics["training"]["stage2_dpo"]["loss_type"] == "dpo"
-    assert metrics["training"]["stage2_dpo"]["first_loss"] == pytest.approx(
+    assert metrics["training"]["stage2/dpo_s0"]["loss_type"] == "dpo"
+    assert metrics["training"]["stage2/dpo_s1"]["first_loss"] == pytest.approx(
         0.6931, abs=1e-3
     )  # policy = reference
-    runs = {row["run"] for row in metrics["linear_probe"]}
-    assert runs == {"stage1", "sft", "dpo"}
+    runs = {(row["run"], row["train_seed"]) for row in metrics["linear_probe"]}
+    assert runs == {(run, seed) for run in ("original", "stage1", "sft", "dpo") for seed in SEEDS}
+    world = [row for row in metrics["benchmarks"] if row.get("train_seed") is not None]
+    assert {(row["run"], row["train_seed"]) for row in world} >= {
+        (run, s) for run in ("sft", "dpo") for s in SEEDS
+    }
 
 
 @pytest.mark.slow
 def test_sft_and_dpo_saw_the_same_samples_and_exported_their_encoders(demo_dir):
-    orders = {
-        loss: (demo_dir / f"stage2_{loss}" / "sample_order.jsonl").read_text().splitlines()
-        for loss in ("sft", "dpo")
-    }
-    ids = {loss: [json.loads(line)["ids"] for line in lines] for loss, lines in orders.items()}
-    assert ids["sft"] == ids["dpo"] and ids["sft"]
-    for loss in ("sft", "dpo"):
-        export = json.loads((demo_dir / f"stage2_{loss}" / "export.json").read_text())
-        assert export["loss_type"] == loss
-        assert (demo_dir / f"stage2_{loss}" / "vision_encoder" / "model.safetensors").is_file()
+    ids = {}
+    for run in STAGE2:
+        lines = (demo_dir / run / "sample_order.jsonl").read_text().splitlines()
+        ids[run] = [json.loads(line)["ids"] for line in lines]
+        export = json.loads((demo_dir / run / "export.json").read_text())
+        assert export["loss_type"] == Path(run).name.split("_")[0]
+        assert (demo_dir / run / "vision_encoder" / "model.safetensors").is_file()
+    for seed in SEEDS:
+        assert ids[f"stage2/sft_s{seed}"] == ids[f"stage2/dpo_s{seed}"] and ids[f"stage2/sft_s{seed}"]
+    assert ids["stage2/sft_s0"] != ids["stage2/sft_s1"], "the seeds should order the samples differently"

@@ -65,7 +65,19 @@ def ref_mpo(i: int, beta: float) -> dict[str, float]:
     return {"total": 0.8 * dpo + 0.2 * bco + 1.0 * sft, "dpo": dpo, "bco_pair": bco, "sft": sft}
 
 
-REFERENCES = {"sft": ref_sft, "dpo": ref_dpo, "ipo": ref_ipo, "hinge": ref_hinge, "mpo": ref_mpo}
+def ref_dpo_sign_flipped(i: int, beta: float) -> dict[str, float]:
+    loss = -_log_sigmoid(-beta * _logits(i))
+    return {"total": loss, "dpo_sign_flipped": loss}
+
+
+REFERENCES = {
+    "sft": ref_sft,
+    "dpo": ref_dpo,
+    "ipo": ref_ipo,
+    "hinge": ref_hinge,
+    "mpo": ref_mpo,
+    "dpo_sign_flipped": ref_dpo_sign_flipped,
+}
 
 
 def _stats(**overrides) -> PairStats:
@@ -142,6 +154,24 @@ def test_dpo_gradient_matches_closed_form():
 def test_preference_loss_without_pairs_or_reference_raises(loss_type: str, missing: str):
     with pytest.raises(ValueError, match=missing):
         LOSSES[loss_type](_stats(**{missing: None}), LossConfig())
+
+
+def test_sign_flipped_dpo_is_dpo_on_the_swapped_pair_and_pushes_the_other_way():
+    stats = _stats()
+    swapped = _stats(
+        policy_chosen=stats.policy_rejected,
+        policy_rejected=stats.policy_chosen,
+        ref_chosen=stats.ref_rejected,
+        ref_rejected=stats.ref_chosen,
+    )
+    flipped, _ = LOSSES["dpo_sign_flipped"](stats, LossConfig(beta=0.3))
+    dpo_swapped, _ = LOSSES["dpo"](swapped, LossConfig(beta=0.3))
+    torch.testing.assert_close(flipped, dpo_swapped)
+    for name, sign in (("dpo", -1.0), ("dpo_sign_flipped", 1.0)):  # d loss / d log p(chosen)
+        policy_chosen = torch.tensor(POLICY_CHOSEN, requires_grad=True)
+        loss, _ = LOSSES[name](_stats(policy_chosen=policy_chosen), LossConfig(beta=0.3))
+        loss.sum().backward()
+        assert (torch.sign(policy_chosen.grad) == sign).all(), name
 
 
 def test_sft_needs_only_the_chosen_side():

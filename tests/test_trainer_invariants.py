@@ -342,6 +342,7 @@ LOSS_PARTS = {
     "ipo": {"ipo"},
     "hinge": {"hinge"},
     "mpo": {"dpo", "bco_pair", "sft"},
+    "dpo_sign_flipped": {"dpo_sign_flipped"},
 }
 PAIR_METRICS = (
     "rewards/chosen",

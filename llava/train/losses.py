@@ -1,5 +1,10 @@
 """Loss registry for the one Stage-2 trainer: SFT and the preference losses (DPO, IPO, hinge, MPO).
 
+It also holds one control that is not a method: ``dpo_sign_flipped``, DPO with the sign of its logits
+flipped (it prefers the rejected response). The miniature demo (scripts/demo.sh, DEMO_CONTROLS=1)
+trains it next to DPO so the report shows what a broken preference loss looks like; never use it to
+train a model you want.
+
 Every loss takes a `PairStats` (per-sample log-probabilities of the chosen/rejected responses under
 the policy and the reference, and token counts) and returns `(per-sample loss [B], parts)` where
 `parts` maps a name ("dpo", "sft", ...) to its per-sample value, for logging; the trainer optimises
@@ -86,6 +91,18 @@ def dpo_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str,
     return loss, {"dpo": loss}
 
 
+def dpo_sign_flipped_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CONTROL, not a method: DPO with the sign of its logits flipped, -log σ(-β·logits).
+
+    It is DPO on the swapped pair (rejected preferred over chosen), so a run trained with it moves the
+    model towards the plausible-but-wrong answers; the demo's report uses it to show that a sign error
+    in the preference loss is visible in the measured numbers.
+    """
+    stats.require_pairs("dpo_sign_flipped")
+    loss = -F.logsigmoid(-cfg.beta * stats.logits())
+    return loss, {"dpo_sign_flipped": loss}
+
+
 def ipo_loss(stats: PairStats, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """IPO: (h - 1/(2β))² (Azar et al. 2023, Eq. 17), with τ = β.
 
@@ -150,6 +167,7 @@ LOSSES: dict[str, LossFn] = {
     "ipo": ipo_loss,
     "hinge": hinge_loss,
     "mpo": mpo_loss,
+    "dpo_sign_flipped": dpo_sign_flipped_loss,  # a control for the demo's report, not a training method
 }
 
 PREFERENCE_LOSSES = frozenset(name for name in LOSSES if name != "sft")

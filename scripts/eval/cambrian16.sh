@@ -28,6 +28,9 @@ DTYPE=${DTYPE:-auto}                   # auto: bfloat16 on GPU, float32 on CPU
 RUN_NAME=${RUN_NAME:-$(basename "$CHECKPOINT")}
 OUTPUT_DIR=${OUTPUT_DIR:-runs/eval/cambrian16/$RUN_NAME}
 # 0 = one CPU process; N >= 1 = `accelerate launch --num_processes N` (data parallel, one model copy per GPU).
+# Registry that scores the tasks: cambrian16, or world for the miniature's tasks (llava/data/world_bench.py,
+# TASKS=world_colour_choice,... with --include_path <bench>/tasks).
+SUITE=${SUITE:-cambrian16}
 NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 PORT=${PORT:-29501}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
@@ -54,4 +57,4 @@ echo "[cambrian16] ${EVAL[*]}"
 "${EVAL[@]}"
 
 # lmms-eval exits 0 even when evaluation failed: the aggregation below fails if no results file was written.
-"$PYTHON" -m analysis.benchmarks "$OUTPUT_DIR" --out_dir "$OUTPUT_DIR"
+"$PYTHON" -m analysis.benchmarks "$OUTPUT_DIR" --out_dir "$OUTPUT_DIR" --suite "$SUITE"

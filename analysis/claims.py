@@ -1,0 +1,316 @@
+"""Seeds, paired differences and claim-by-claim verdicts for the report (analysis/report.py).
+
+The paper (Song et al. 2025) claims that DPO-trained encoders beat SFT-trained ones on five kinds of
+measure: linear probes (Fig. 6), segmentation probes (Fig. 8), Grad-CAM localisation (Fig. 7),
+vision-centric VQA (Figs. 2–5) and vision–language alignment (Fig. 10). A miniature run trains SFT
+and DPO from one Stage-1 checkpoint with several seeds (scripts/demo.sh); this module turns the
+results rows into, per measure,
+
+- one value per (condition, pair key): the mean over the row's repeats (e.g. probe seeds). The
+  condition is the row's ``run`` (alignment: ``vision``; Grad-CAM: ``loss_type``), the pair key its
+  training seed ``train_seed`` (Grad-CAM, which trains from the Stage-1 checkpoint itself: the
+  sample ``id``). A condition measured once without a pair key (e.g. the Stage-1 model, shared by
+  every seed) pairs with every key of the other condition;
+- mean ± std (ddof 1) over pair keys per condition, and paired differences ``a − b`` over the keys
+  both have: DPO − SFT (the effect) and the controls next to it, sign-flipped DPO − DPO, frozen-
+  encoder DPO − DPO, and Stage 1 − original tower;
+- a verdict for the claim's primary measure, computed from the paired DPO − SFT differences with a
+  paired t-test (two-sided, 95 %): *resolved* when ``|mean| > t(0.975, n−1)·std/√n`` (with std 0, any
+  non-zero mean), then "reproduces" (DPO > SFT, the paper's direction) or "does not reproduce"
+  (SFT > DPO); otherwise "cannot tell" (fewer than 2 pairs, or within seed noise). With 2 seeds the
+  bar is 12.7 standard errors: only a large and consistent difference is resolved.
+  Every measure here is higher-is-better for the paper's claim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+EFFECT: tuple[str, str] = ("dpo", "sft")
+CONTROLS: tuple[tuple[str, str, str], ...] = (
+    ("dpo_flipped", "dpo", "sign-flipped DPO − DPO"),
+    ("dpo_frozen", "dpo", "frozen-encoder DPO − DPO"),
+    ("stage1", "original", "Stage 1 − original tower"),
+)
+"""Control differences shown next to the effect: (condition a, condition b, label of a − b)."""
+MIN_PAIRS = 2
+CONFIDENCE = 0.95
+METHOD_NOTE = (
+    "Each measure is averaged over its repeats (e.g. probe seeds) per training seed, then shown as mean ± std "
+    "over training seeds (Grad-CAM: over samples). DPO − SFT is paired by seed (sample); the controls beside it "
+    "show what a broken or absent effect looks like. Verdict: a two-sided paired t-test of DPO − SFT at "
+    f"{CONFIDENCE:.0%}: *reproduces* / *does not reproduce* when |mean| > t·std/√n, else *cannot tell*."
+)
+CONDITION_ORDER: tuple[str, ...] = ("original", "stage1", "sft", "dpo", "dpo_frozen", "dpo_flipped")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One number per results row of a kind: which rows, which value, who is compared with whom."""
+
+    name: str
+    kind: str
+    claim: str
+    value: Callable[[dict[str, Any]], float | None]
+    select: Callable[[dict[str, Any]], bool] = lambda row: True
+    condition_key: str = "run"
+    pair_key: str = "train_seed"
+    primary: bool = False
+    last_step_only: bool = False
+
+
+def _scaled(key: str, scale: float) -> Callable[[dict[str, Any]], float | None]:
+    def value(row: dict[str, Any]) -> float | None:
+        raw = row.get(key)
+        return None if raw is None else float(raw) * scale
+
+    return value
+
+
+def _where(**wanted: Any) -> Callable[[dict[str, Any]], bool]:
+    return lambda row: all(row.get(k) == v for k, v in wanted.items())
+
+
+CLAIMS: tuple[str, ...] = (
+    "encoder probes",
+    "segmentation",
+    "Grad-CAM localisation",
+    "vision-centric VQA",
+    "alignment",
+)
+MEASURES: tuple[Measure, ...] = (
+    Measure(
+        "linear probe top-1 (%), encoder",
+        "linear_probe",
+        "encoder probes",
+        _scaled("top1", 100),
+        lambda r: (
+            r.get("feature_point") == "encoder" and r.get("method") == "logreg" and r.get("layer") is None
+        ),
+        primary=True,
+    ),
+    Measure(
+        "linear probe top-1 (%), encoder + projector",
+        "linear_probe",
+        "encoder probes",
+        _scaled("top1", 100),
+        lambda r: (
+            r.get("feature_point") == "projector" and r.get("method") == "logreg" and r.get("layer") is None
+        ),
+    ),
+    Measure(
+        "seg-probe macro recall (%)",
+        "seg_probe",
+        "segmentation",
+        _scaled("recall", 100),
+        lambda r: r.get("feature_point", "encoder") == "encoder",
+        primary=True,
+    ),
+    Measure(
+        "Grad-CAM mass in box (last step)",
+        "gradcam",
+        "Grad-CAM localisation",
+        _scaled("mass_in_box", 1),
+        condition_key="loss_type",
+        pair_key="id",
+        primary=True,
+        last_step_only=True,
+    ),
+    *(
+        Measure(
+            f"world VQA {column}",
+            "benchmarks",
+            "vision-centric VQA",
+            _scaled(column, 1),
+            primary=column == "Vision-centric",
+        )
+        for column in ("Vision-centric", "General", "Knowledge", "OCR & Chart", "Average")
+    ),
+    Measure(
+        "alignment (max over layer pairs)",
+        "alignment",
+        "alignment",
+        _scaled("score", 1),
+        condition_key="vision",
+        primary=True,
+    ),
+)
+
+
+@dataclass
+class Stat:
+    """Mean ± std (ddof 1; None for n < 2) of values, and the values themselves."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else None
+
+    def text(self, digits: int = 2) -> str:
+        if not self.values:
+            return "–"
+        spread = f" ± {self.std:.{digits}f}" if self.std is not None else ""
+        return f"{self.mean:.{digits}f}{spread} (n={self.n})"
+
+
+@dataclass
+class MeasureResult:
+    """Per-condition values by pair key, their stats, and the paired differences."""
+
+    measure: Measure
+    by_condition: dict[str, dict[Any, float]]
+    conditions: dict[str, Stat] = field(default_factory=dict)
+    differences: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def effect(self) -> Stat:
+        return self.differences[_label(*EFFECT)]
+
+
+def _label(a: str, b: str) -> str:
+    return f"{a.upper() if a in EFFECT else a} − {b.upper() if b in EFFECT else b}"
+
+
+def paired(values_a: Mapping[Any, float], values_b: Mapping[Any, float]) -> Stat:
+    """Differences a − b over the shared pair keys; a side measured once without a key pairs with all."""
+    if set(values_a) == {None} and set(values_b) != {None}:
+        values_a = {key: values_a[None] for key in values_b}
+    if set(values_b) == {None} and set(values_a) != {None}:
+        values_b = {key: values_b[None] for key in values_a}
+    shared = [key for key in values_a if key in values_b]
+    return Stat([values_a[key] - values_b[key] for key in shared])
+
+
+def measure_values(measure: Measure, rows: Sequence[dict[str, Any]]) -> dict[str, dict[Any, float]]:
+    """condition → pair key → mean of the selected rows' values (repeats such as probe seeds averaged)."""
+    chosen = [r for r in rows if measure.select(r) and r.get(measure.condition_key) is not None]
+    if measure.last_step_only and chosen:
+        last = max(float(r.get("step") or 0) for r in chosen)
+        chosen = [r for r in chosen if float(r.get("step") or 0) == last]
+    collected: dict[str, dict[Any, list[float]]] = {}
+    for row in chosen:
+        value = measure.value(row)
+        if value is None or not math.isfinite(value):
+            continue
+        condition = (
+            str(row[measure.condition_key]).lower()
+            if measure.kind == "gradcam"
+            else str(row[measure.condition_key])
+        )
+        collected.setdefault(condition, {}).setdefault(row.get(measure.pair_key), []).append(value)
+    return {c: {k: float(np.mean(v)) for k, v in keys.items()} for c, keys in collected.items()}
+
+
+def evaluate(measure: Measure, rows: Sequence[dict[str, Any]]) -> MeasureResult:
+    """Stats per condition and the effect and control differences of one measure."""
+    by_condition = measure_values(measure, rows)
+    result = MeasureResult(measure, by_condition)
+    order = [c for c in CONDITION_ORDER if c in by_condition] + sorted(
+        set(by_condition) - set(CONDITION_ORDER)
+    )
+    result.conditions = {c: Stat(list(by_condition[c].values())) for c in order}
+    for a, b, label in ((*EFFECT, _label(*EFFECT)), *CONTROLS):
+        if a in by_condition and b in by_condition:
+            result.differences[label] = paired(by_condition[a], by_condition[b])
+    result.differences.setdefault(_label(*EFFECT), Stat([]))
+    return result
+
+
+def verdict(effect: Stat, digits: int = 2) -> str:
+    """The claim's verdict from the paired DPO − SFT differences (module docstring)."""
+    if effect.n < MIN_PAIRS:
+        return f"cannot tell: {effect.n} paired seed(s), need {MIN_PAIRS}"
+    bar = t_critical(effect.n) * (effect.std or 0.0) / math.sqrt(effect.n)
+    shown = f"DPO − SFT = {effect.text(digits)}"
+    if not abs(effect.mean) > bar:
+        return f"cannot tell: {shown} is within seed noise (needs |mean| > {bar:.{digits}f})"
+    if effect.mean > 0:
+        return f"reproduces: {shown} (|mean| > {bar:.{digits}f})"
+    return f"does not reproduce: {shown}, SFT higher (|mean| > {bar:.{digits}f})"
+
+
+def t_critical(n: int) -> float:
+    """Two-sided Student-t critical value at ``CONFIDENCE`` for the mean of ``n`` paired differences."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + CONFIDENCE / 2, n - 1))
+
+
+def evaluate_all(rows_by_kind: Mapping[str, Sequence[dict[str, Any]]]) -> list[MeasureResult]:
+    """Every measure whose kind has rows naming the effect's conditions or any condition at all."""
+    results = []
+    for measure in MEASURES:
+        result = evaluate(measure, rows_by_kind.get(measure.kind, ()))
+        if result.conditions:
+            results.append(result)
+    return results
+
+
+def _md(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
+
+
+def _digits(measure: Measure) -> int:
+    return 3 if measure.kind in ("alignment", "gradcam") else 2
+
+
+def seed_table(results: Sequence[MeasureResult]) -> str:
+    """Markdown: conditions and paired differences (rows) × measures of one kind (columns)."""
+    if not results:
+        return ""
+    digits = _digits(results[0].measure)
+    conditions = list(dict.fromkeys(c for r in results for c in r.conditions))
+    differences = list(dict.fromkeys(d for r in results for d in r.differences))
+    body = [
+        [f"`{c}`", *(r.conditions[c].text(digits) if c in r.conditions else "–" for r in results)]
+        for c in conditions
+    ]
+    body += [
+        [
+            f"**{d}** (paired)",
+            *(r.differences[d].text(digits) if d in r.differences else "–" for r in results),
+        ]
+        for d in differences
+    ]
+    pair_keys = sorted({r.measure.pair_key for r in results})
+    note = (
+        f"Mean ± std over {' / '.join(pair_keys)} (n = how many); repeats within one (e.g. probe seeds) "
+        "are averaged first. Differences are paired by the same key."
+    )
+    return note + "\n\n" + _md(["condition", *(r.measure.name for r in results)], body)
+
+
+def claims_table(results: Sequence[MeasureResult]) -> str:
+    """Markdown: claim by claim, the primary measure's effect, the controls and the verdict."""
+    body = []
+    for claim in CLAIMS:
+        primary = next((r for r in results if r.measure.claim == claim and r.measure.primary), None)
+        if primary is None:
+            body.append([claim, "–", "–", "–", "cannot tell: not measured in this run"])
+            continue
+        digits = _digits(primary.measure)
+        controls = "; ".join(
+            f"{label}: {primary.differences[label].text(digits)}"
+            for _, _, label in CONTROLS
+            if label in primary.differences
+        )
+        effect = primary.effect
+        body.append(
+            [claim, primary.measure.name, effect.text(digits), controls or "–", verdict(effect, digits)]
+        )
+    return _md(["claim (paper: DPO > SFT)", "measure", "DPO − SFT (paired)", "controls", "verdict"], body)
