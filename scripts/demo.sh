@@ -57,8 +57,9 @@ export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=${TRANSFORMERS_VERBOSITY:-error}
 START=$SECONDS
 LOG=$DEMO_DIR/logs
 cpu_now() {  # CPU=user + system CPU seconds of every finished child of this script (`times` must run in this shell)
-  times >"$LOG/.times.$BASHPID"  # one file per (sub)shell: pstage's subshells run side by side
-  CPU=$(tail -n 1 "$LOG/.times.$BASHPID" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
+  local file="$LOG/.times.$BASHPID"  # one file per (sub)shell: pstage's subshells run side by side
+  times >"$file"
+  CPU=$(tail -n 1 "$file" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
 }
 stage() {  # stage NAME COMMAND...: run one stage, log its output, print one line with elapsed and CPU time
   local name=$1 began=$SECONDS cpu_began; shift
