@@ -237,10 +237,10 @@ def verdict(effect: Stat, digits: int = 2) -> str:
     bar = t_critical(effect.n) * (effect.std or 0.0) / math.sqrt(effect.n)
     shown = f"DPO − SFT = {effect.text(digits)}"
     if not abs(effect.mean) > bar:
-        return f"cannot tell: {shown} is within seed noise (needs |mean| > {bar:.{digits}f})"
+        return f"cannot tell: {shown} is within seed noise (needs abs(mean) > {bar:.{digits}f})"
     if effect.mean > 0:
-        return f"reproduces: {shown} (|mean| > {bar:.{digits}f})"
-    return f"does not reproduce: {shown}, SFT higher (|mean| > {bar:.{digits}f})"
+        return f"reproduces: {shown} (abs(mean) > {bar:.{digits}f})"
+    return f"does not reproduce: {shown}, SFT higher (abs(mean) > {bar:.{digits}f})"
 
 
 def t_critical(n: int) -> float:

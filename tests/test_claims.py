@@ -137,7 +137,7 @@ def test_report_states_each_claim_and_labels_files_with_their_training_seed(tmp_
     lines = {
         line.split("|")[1].strip(): line for line in claims_section.splitlines() if line.startswith("| ")
     }
-    assert "reproduces: DPO − SFT = 10.50 ± 0.71 (n=2) (|mean| > 6.35)" in lines["encoder probes"]
+    assert "reproduces: DPO − SFT = 10.50 ± 0.71 (n=2) (abs(mean) > 6.35)" in lines["encoder probes"]
     assert "cannot tell: DPO − SFT = 0.00 ± 0.00 (n=2) is within seed noise" in lines["vision-centric VQA"]
     assert "cannot tell: not measured in this run" in lines["segmentation"]
     assert "**DPO − SFT** (paired) | 10.50 ± 0.71 (n=2)" in text  # the linear-probe seed table
