@@ -321,7 +321,9 @@ def lora_flags(**env: str) -> subprocess.CompletedProcess:
 def test_every_training_script_passes_its_lora_variables():
     for script in sorted((ROOT / "scripts" / "train").glob("*.sh")):
         text = script.read_text()
-        if "source scripts/train/common.sh" in text:  # the MLLM training scripts (not stage0.sh, the libraries)
+        if (
+            "source scripts/train/common.sh" in text
+        ):  # the MLLM training scripts (not stage0.sh, the libraries)
             assert all(f"{v}=${{{v}:-" in text for v in LORA_VARIABLES), f"{script.name} lacks the LoRA block"
     assert lora_flags(LORA="0").stdout.strip() == ""
     done = lora_flags(LORA="1", LORA_R="8", LORA_ALPHA="32", LORA_DROPOUT="0.1", LORA_VISION="1")
