@@ -33,7 +33,9 @@ def test_two_processes_generate_on_every_rank_with_distinct_seeds(train_data, tm
     torchrun([*train_argv(train_data, out, "grpo", **flags), "--ddp_backend=gloo"], nproc=2)
     order = read_sample_order(out)
     assert [len(row["ids"]) for row in order] == [4, 4], "2 prompts per rank per step"
-    states = [torch.load(out / "checkpoint-2" / f"generation_rng_{rank}.pth") for rank in (0, 1)]
+    states = [
+        torch.load(out / "checkpoint-2" / f"generation_rng_{rank}.pth", weights_only=True) for rank in (0, 1)
+    ]
     assert states[0]["seed"] != states[1]["seed"]
     assert not torch.equal(states[0]["cpu"], states[1]["cpu"])
     assert all("reward" in row for row in log_history(out) if "loss" in row)

@@ -41,21 +41,30 @@ STAGE1_FLAGS = [
 ]  # fmt: skip
 
 
-def colour_records(world: Path, split: str) -> list[dict]:
-    """One LLaVA record per scene of ``split`` that has a colour question: question, answer as a sentence."""
+def colour_questions(world: Path, split: str):
+    """(scene id, colour question) for each scene of ``split`` that has one; the question rng draws over
+    every scene in file order, so both record builders below see the same questions."""
     rng = np.random.default_rng(0)
-    records = []
     for line in (world / "scenes.jsonl").read_text().splitlines():
         row = json.loads(line)
         question = feasible_questions(scene_from_dict(row["scene"]), rng).get("colour")
-        if row["split"] != split or question is None:
-            continue
-        turns = [
-            {"from": "human", "value": f"<image>\n{question.text}"},
-            {"from": "gpt", "value": question.statement},
-        ]
-        records.append({"id": row["id"], "image": f"images/{split}/{row['id']}.png", "conversations": turns})
-    return records
+        if row["split"] == split and question is not None:
+            yield row["id"], question
+
+
+def colour_records(world: Path, split: str) -> list[dict]:
+    """One LLaVA record per scene of ``split`` that has a colour question: question, answer as a sentence."""
+    return [
+        {
+            "id": scene_id,
+            "image": f"images/{split}/{scene_id}.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question.text}"},
+                {"from": "gpt", "value": question.statement},
+            ],
+        }
+        for scene_id, question in colour_questions(world, split)
+    ]
 
 
 def run_stage1(root: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -150,24 +159,16 @@ STAGE2_FLAGS = [
 
 def colour_pairs(world: Path, split: str) -> list[dict]:
     """DPO records of the colour questions: the right colour sentence against one with a wrong colour."""
-    rng = np.random.default_rng(0)
-    records = []
-    for line in (world / "scenes.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        question = feasible_questions(scene_from_dict(row["scene"]), rng).get("colour")
-        if row["split"] != split or question is None:
-            continue
-        rejected = question.statement.removesuffix(f"{question.answer}.") + f"{question.wrong}."
-        records.append(
-            {
-                "id": row["id"],
-                "image": f"images/{split}/{row['id']}.png",
-                "prompt": f"<image>\n{question.text}",
-                "chosen": question.statement,
-                "rejected": rejected,
-            }
-        )
-    return records
+    return [
+        {
+            "id": scene_id,
+            "image": f"images/{split}/{scene_id}.png",
+            "prompt": f"<image>\n{question.text}",
+            "chosen": question.statement,
+            "rejected": question.statement.removesuffix(f"{question.answer}.") + f"{question.wrong}.",
+        }
+        for scene_id, question in colour_questions(world, split)
+    ]
 
 
 def test_sign_flipped_dpo_is_visible_in_colour_vqa(stage1, tmp_path_factory):
