@@ -37,13 +37,11 @@ Run: `python benchmarks/dpo_step.py` (or `python -m benchmarks.dpo_step`); `--qu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +49,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.step_harness import (  # noqa: E402
+    BASELINE,
+    add_harness_arguments,
+    add_peak_memory,
+    load_config_inputs,
+    memory_mb,
+    pool_runs,
+    run_child,
+    selected_configs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +74,6 @@ CONFIGS: dict[str, str] = {
 }
 LORA_CONFIGS = ("d", "e")
 LORA_RANK = 16
-BASELINE = "baseline"
 TEMPLATE = "qwen_1_5"
 
 
@@ -124,14 +134,6 @@ class BenchSettings:
         (accelerate's loader reads one batch ahead, so the last batch of an epoch costs no fetch time).
         """
         return self.batch_size * (self.total_steps + 1)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 # ---- assets (parent process, once) ---------------------------------------------------------------
@@ -237,15 +239,6 @@ class _StepTimer:
 
     def data_times(self) -> list[float]:
         return [begin - end for begin, end in zip(self.begin[1:], self.end[:-1])]
-
-
-def _import_stack() -> None:
-    """Import every library any configuration uses, so import memory cancels against the baseline."""
-    import datasets  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
-
-    import llava.train.trainer  # noqa: F401
 
 
 def _common_args(s: BenchSettings, device: str, output_dir: str) -> dict[str, Any]:
@@ -376,113 +369,44 @@ def _train_trl(model, tokenizer, image_processor, records, s: BenchSettings, dev
 
 def run_config(name: str, assets: dict[str, str], s: BenchSettings) -> dict[str, Any]:
     """Train one configuration in this process; returns its timings and memory (see module docstring)."""
-    import torch
-    import transformers
-
-    from llava.data.mixture import load_records
-    from llava.model.builder import load_model
-    from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
-
-    _import_stack()
-    device = resolve_device(s.device)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    transformers.set_seed(s.seed)
-    model, tokenizer, image_processor = load_model(assets["model"])
-    set_trainable_parts(model, parse_tunable_parts("mm_vision_tower,mm_mlp_adapter,mm_language_model"))
-    model.to(device)
-    records = load_records(assets["data"], assets["world"], "preference", seed=s.seed)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base_bytes = torch.cuda.memory_allocated() if cuda else 0
-    result: dict[str, Any] = {
-        "config": name,
-        "device": device,
-        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-        "threads": torch.get_num_threads(),
-    }
+    inputs = load_config_inputs(
+        name, assets["model"], (assets["data"], assets["world"], "preference"), s.seed, s.threads, s.device
+    )
+    result = inputs.result
     if name != BASELINE:
-        timer = _StepTimer(cuda)
+        timer = _StepTimer(inputs.cuda)
+        train = _train_trl if name == "c" else functools.partial(_train_pivot, name)
         with tempfile.TemporaryDirectory(prefix=f"dpo_step_{name}_") as out:
-            if name == "c":
-                result.update(_train_trl(model, tokenizer, image_processor, records, s, device, timer, out))
-            else:
-                result.update(
-                    _train_pivot(name, model, tokenizer, image_processor, records, s, device, timer, out)
+            result.update(
+                train(
+                    inputs.model,
+                    inputs.tokenizer,
+                    inputs.image_processor,
+                    inputs.records,
+                    s,
+                    inputs.device,
+                    timer,
+                    out,
                 )
+            )
         steps = timer.step_times()
         if len(steps) != s.total_steps:
             raise RuntimeError(f"config {name}: timed {len(steps)} steps, expected {s.total_steps}")
         result["step_s"] = steps[s.warmup :]
         result["cpu_s"] = timer.cpu_times()[s.warmup :]
         result["data_s"] = timer.data_times()[max(s.warmup - 1, 0) :]  # the fetch before each timed step
-    if cuda:
-        result["peak_mb"] = (torch.cuda.max_memory_allocated() - base_bytes) / 2**20
-    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
+    return add_peak_memory(inputs)
 
 
 # ---- orchestration (parent) ------------------------------------------------------------------------
-def _child(name: str, assets: dict[str, str], s: BenchSettings, workdir: Path) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter; return its result, or the reason it failed."""
-    out = workdir / f"result_{name}.json"
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        name,
-        "--assets",
-        json.dumps(assets),
-        "--child_out",
-        str(out),
-        *(f"--{f.name}={getattr(s, f.name)}" for f in fields(s)),
-    ]
-    logger.info("running config %s: %s", name, CONFIGS.get(name, "baseline (load only)"))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return {
-            "config": name,
-            "error": lines[-1] if lines else f"exit status {proc.returncode}",
-            "stderr_tail": "\n".join(lines[-25:]),
-        }
-    return json.loads(out.read_text())
-
-
-def pool_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Merge repeated runs of each configuration: step lists concatenated, memory the largest peak,
-    precompute time the median, loss the mean; a configuration with a failed run reports that failure."""
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_name.setdefault(run["config"], []).append(run)
-    pooled: dict[str, dict[str, Any]] = {}
-    for name, group in by_name.items():
-        failed = [run for run in group if "error" in run]
-        if failed:
-            pooled[name] = failed[0]
-            continue
-        merged = {**group[0], "repeats": len(group)}
-        for key in ("step_s", "cpu_s", "data_s"):
-            if key in merged:
-                merged[key] = [value for run in group for value in run[key]]
-        for key in ("max_rss_mb", "peak_mb"):
-            if key in merged:
-                merged[key] = max(run[key] for run in group)
+def pool_dpo_runs(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Repeated rounds merged (benchmarks.step_harness.pool_runs), the reference pass's time the median."""
+    pooled = pool_runs(runs, concatenated=("step_s", "cpu_s", "data_s"), averaged=("train_loss",))
+    for name, merged in pooled.items():
         if "precompute_s" in merged:
-            merged["precompute_runs_s"] = [run["precompute_s"] for run in group]
+            merged["precompute_runs_s"] = [run["precompute_s"] for run in runs if run["config"] == name]
             merged["precompute_s"] = statistics.median(merged["precompute_runs_s"])
-        if "train_loss" in merged:
-            merged["train_loss"] = statistics.fmean(run["train_loss"] for run in group)
-        pooled[name] = merged
     return pooled
-
-
-def _mb_peak(result: dict[str, Any], baseline: dict[str, Any]) -> float:
-    if "peak_mb" in result:
-        return result["peak_mb"]
-    return result["max_rss_mb"] - baseline["max_rss_mb"]
 
 
 def _median(result: dict[str, Any], key: str) -> float:
@@ -518,9 +442,9 @@ def summarise(results: dict[str, dict[str, Any]], settings: BenchSettings, sizes
         if "step_s" not in r:
             lines.append(f"| ({name}) {title} | not run | | | | | | | |")
             continue
-        mem = _mb_peak(r, baseline)
+        mem = memory_mb(r, baseline)
         t_ratio = f"{_median(r, 'step_s') / _median(a, 'step_s'):.2f}x" if a_ok else "n/a"
-        m_ratio = f"{mem / _mb_peak(a, baseline):.2f}x" if a_ok else "n/a"
+        m_ratio = f"{mem / memory_mb(a, baseline):.2f}x" if a_ok else "n/a"
         lines.append(
             f"| ({name}) {title} | {_median(r, 'step_s'):.3f} | {statistics.fmean(r['step_s']):.3f} "
             f"| {_median(r, 'cpu_s'):.3f} | {_median(r, 'data_s'):.3f} | {mem:.0f} | {r['train_loss']:.4f} "
@@ -538,7 +462,7 @@ def summarise(results: dict[str, dict[str, Any]], settings: BenchSettings, sizes
         if a_ok and "step_s" in r:
             wall = _median(r, "step_s") / _median(a, "step_s")
             cpu = _median(r, "cpu_s") / _median(a, "cpu_s")
-            mem = _mb_peak(r, baseline) / _mb_peak(a, baseline)
+            mem = memory_mb(r, baseline) / memory_mb(a, baseline)
             verdict = "meets" if wall >= 1.5 and mem > 1 else "MISSES"
             lines.append(
                 f"({name}) / (a): {wall:.2f}x the step time ({cpu:.2f}x in CPU time), {mem:.2f}x the peak memory "
@@ -550,7 +474,7 @@ def summarise(results: dict[str, dict[str, Any]], settings: BenchSettings, sizes
             lines.append(
                 f"({name}) / (a), LoRA against full training: {_median(r, 'step_s') / _median(a, 'step_s'):.2f}x "
                 f"the step time ({_median(r, 'cpu_s') / _median(a, 'cpu_s'):.2f}x in CPU time), "
-                f"{_mb_peak(r, baseline) / _mb_peak(a, baseline):.2f}x the peak memory, "
+                f"{memory_mb(r, baseline) / memory_mb(a, baseline):.2f}x the peak memory, "
                 f"{r['trainable_params'] / a['trainable_params']:.3f}x the trainable parameters"
             )
     for name, r in results.items():
@@ -589,20 +513,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 warm-up + 2 timed steps, one round"
     )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=2,
-        help="run the configurations this many times in turn (a, b, c, ..., a, b, c, ...) and pool their steps",
-    )
-    parser.add_argument(
-        "--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)} to run"
-    )
-    parser.add_argument("--workdir", default=None, help="where to write model and data (default: a temp dir)")
-    parser.add_argument("--json_out", default=None, help="also write every raw measurement to this JSON file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--assets", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
+    add_harness_arguments(parser, CONFIGS)
     return parser
 
 
@@ -616,21 +527,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         Path(args.child_out).write_text(json.dumps(result))
         return {args.child: result}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
+    configs = selected_configs(args, CONFIGS)
     with tempfile.TemporaryDirectory(prefix="dpo_step_") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         assets = prepare_assets(workdir, settings)
         sizes = model_sizes(assets["model"])
-        runs = [_child(BASELINE, assets, settings, workdir)]
+        runs = [run_child(__file__, BASELINE, "baseline (load only)", assets, settings, workdir)]
         for _ in range(args.repeats):  # round-robin, so every configuration sees the same load drift
-            runs += [_child(name, assets, settings, workdir) for name in configs]
-    results = pool_runs(runs)
+            runs += [run_child(__file__, name, CONFIGS[name], assets, settings, workdir) for name in configs]
+    results = pool_dpo_runs(runs)
     if "error" in results[BASELINE]:
         raise SystemExit(f"baseline child failed: {results[BASELINE]['stderr_tail']}")
     print(summarise(results, settings, sizes))

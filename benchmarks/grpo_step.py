@@ -30,10 +30,7 @@ import argparse
 import functools
 import json
 import logging
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.dpo_step import BenchSettings, _import_stack, model_sizes, prepare_assets  # noqa: E402
+from benchmarks.dpo_step import BenchSettings, model_sizes, prepare_assets  # noqa: E402
+from benchmarks.step_harness import (  # noqa: E402
+    BASELINE,
+    add_harness_arguments,
+    add_peak_memory,
+    load_config_inputs,
+    memory_mb,
+    pool_runs,
+    run_child,
+    selected_configs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,6 @@ CONFIGS: dict[str, str] = {
     "b": "PivotTrainer GRPO: image encoded per completion for scoring",
     "c": "TRL 1.16 GRPOTrainer",
 }
-BASELINE = "baseline"
 REWARDS = ("exact_match", "format")
 
 
@@ -86,12 +92,6 @@ class GRPOBenchSettings:
     def model_settings(self) -> BenchSettings:
         """dpo_step's model and data settings, with enough records for every step."""
         return BenchSettings(batch_size=self.prompts, warmup=self.warmup, steps=self.steps, seed=self.seed)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 class _Timer:
@@ -257,95 +257,39 @@ def _train_trl(model, tokenizer, image_processor, records, s, device, timer, out
 
 
 def run_config(name: str, assets: dict[str, str], s: GRPOBenchSettings) -> dict[str, Any]:
-    import torch
-    import transformers
-
-    from llava.data.mixture import load_records
-    from llava.model.builder import load_model
-    from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
-
-    _import_stack()
-    device = resolve_device(s.device)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    transformers.set_seed(s.seed)
-    model, tokenizer, image_processor = load_model(assets["model"])
-    set_trainable_parts(model, parse_tunable_parts("mm_vision_tower,mm_mlp_adapter,mm_language_model"))
-    model.to(device)
-    records = load_records(assets["grpo"], assets["world"], "prompt", seed=s.seed)
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else 0
-    result: dict[str, Any] = {
-        "config": name,
-        "device_name": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-        "threads": torch.get_num_threads(),
-    }
+    inputs = load_config_inputs(
+        name, assets["model"], (assets["grpo"], assets["world"], "prompt"), s.seed, s.threads, s.device
+    )
+    result = inputs.result
     if name != BASELINE:
-        timer = _Timer(cuda)
+        timer = _Timer(inputs.cuda)
+        train = _train_trl if name == "c" else functools.partial(_train_pivot, name)
         with tempfile.TemporaryDirectory(prefix=f"grpo_step_{name}_") as out:
-            train = _train_trl if name == "c" else functools.partial(_train_pivot, name)
-            result.update(train(model, tokenizer, image_processor, records, s, device, timer, out))
+            result.update(
+                train(
+                    inputs.model,
+                    inputs.tokenizer,
+                    inputs.image_processor,
+                    inputs.records,
+                    s,
+                    inputs.device,
+                    timer,
+                    out,
+                )
+            )
         steps = timer.step_times()
         if len(steps) != s.total_steps:
             raise RuntimeError(f"config {name}: timed {len(steps)} steps, expected {s.total_steps}")
         result["step_s"] = steps[s.warmup :]
         result["sampling_s"] = timer.sampling[s.warmup :]
-    if cuda:
-        result["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return result
-
-
-def _child(name: str, assets: dict[str, str], s: GRPOBenchSettings, workdir: Path) -> dict[str, Any]:
-    out = workdir / f"result_{name}.json"
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--assets", json.dumps(assets)]
-    cmd += ["--child_out", str(out), *(f"--{f.name}={getattr(s, f.name)}" for f in fields(s))]
-    logger.info("running config %s: %s", name, CONFIGS.get(name, "baseline (load only)"))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return {
-            "config": name,
-            "error": lines[-1] if lines else f"exit {proc.returncode}",
-            "tail": lines[-25:],
-        }
-    return json.loads(out.read_text())
-
-
-def pool(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each configuration's runs merged: timed steps concatenated, the largest peak, mean loss and reward;
-    a configuration with a failed run reports that failure."""
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        by_name.setdefault(run["config"], []).append(run)
-    pooled: dict[str, dict[str, Any]] = {}
-    for name, group in by_name.items():
-        failed = [run for run in group if "error" in run]
-        if failed:
-            pooled[name] = failed[0]
-            continue
-        merged = {**group[0], "repeats": len(group)}
-        for key in ("step_s", "sampling_s"):
-            if key in merged:
-                merged[key] = [value for run in group for value in run[key]]
-        for key in ("max_rss_mb", "peak_mb"):
-            if key in merged:
-                merged[key] = max(run[key] for run in group)
-        for key in ("train_loss", "reward"):
-            if key in merged:
-                merged[key] = statistics.fmean(run[key] for run in group)
-        pooled[name] = merged
-    return pooled
+    return add_peak_memory(inputs)
 
 
 def summarise(results: dict[str, dict[str, Any]], s: GRPOBenchSettings, sizes: dict[str, int]) -> str:
     baseline = results[BASELINE]
 
     def memory(r):
-        return r["peak_mb"] if "peak_mb" in r else r["max_rss_mb"] - baseline["max_rss_mb"]
+        return memory_mb(r, baseline)
 
     lines = [
         f"device: {baseline['device_name']}, torch threads {baseline['threads']}, fp32; {s.prompts} prompts x "
@@ -401,13 +345,7 @@ def _parser() -> argparse.ArgumentParser:
         value = getattr(defaults, f.name)
         parser.add_argument(f"--{f.name}", type=type(value), default=value, help=f"(default: {value})")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up + 1 timed step, one round")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds of a, b, c (steps pooled)")
-    parser.add_argument("--configs", default="a,b,c", help="comma-separated subset of a,b,c")
-    parser.add_argument("--workdir", default=None, help="keep model and data here (default: a temp dir)")
-    parser.add_argument("--json_out", default=None, help="also write every raw measurement to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--assets", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child_out", default=None, help=argparse.SUPPRESS)
+    add_harness_arguments(parser, CONFIGS)
     return parser
 
 
@@ -421,19 +359,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         Path(args.child_out).write_text(json.dumps(result))
         return {args.child: result}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    if [c for c in configs if c not in CONFIGS] or args.repeats < 1:
-        raise SystemExit(f"--configs must be a subset of {sorted(CONFIGS)} and --repeats >= 1")
+    configs = selected_configs(args, CONFIGS)
     with tempfile.TemporaryDirectory(prefix="grpo_step_") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         assets = prepare_assets(workdir, s.model_settings())
         assets["grpo"] = str(Path(assets["data"]).parent / "mmpr_grpo.json")
         sizes = model_sizes(assets["model"])
-        runs = [_child(BASELINE, assets, s, workdir)]
+        runs = [run_child(__file__, BASELINE, "baseline (load only)", assets, s, workdir)]
         for _ in range(args.repeats):
-            runs += [_child(name, assets, s, workdir) for name in configs]
-    results = pool(runs)
+            runs += [run_child(__file__, name, CONFIGS[name], assets, s, workdir) for name in configs]
+    results = pool_runs(runs, concatenated=("step_s", "sampling_s"), averaged=("train_loss", "reward"))
     print(summarise(results, s, sizes))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"settings": vars(args), "runs": runs}, indent=2))
