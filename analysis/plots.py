@@ -39,9 +39,15 @@ from matplotlib.figure import Figure
 Row = Mapping[str, Any]
 
 CATEGORY_PANELS: tuple[str, ...] = ("Average", "General", "Knowledge", "OCR & Chart", "Vision-centric")
-LOSS_ORDER: tuple[str, ...] = ("base", "sft", "dpo", "mpo")
-LOSS_COLORS: dict[str, str] = {"base": "#9e9e9e", "sft": "#4c72b0", "dpo": "#dd8452", "mpo": "#55a868"}
-EXTRA_COLORS: tuple[str, ...] = ("#8172b3", "#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
+LOSS_ORDER: tuple[str, ...] = ("base", "sft", "dpo", "mpo", "grpo")
+LOSS_COLORS: dict[str, str] = {
+    "base": "#9e9e9e",
+    "sft": "#4c72b0",
+    "dpo": "#dd8452",
+    "mpo": "#55a868",
+    "grpo": "#c44e52",
+}
+EXTRA_COLORS: tuple[str, ...] = ("#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
 SIZE_WORDS: dict[str, int] = {
     "tiny": 0,
     "small": 1,
