@@ -302,9 +302,10 @@ def seed_table(results: Sequence[MeasureResult]) -> str:
 
 
 def claims_table(results: Sequence[MeasureResult]) -> str:
-    """Markdown: claim by claim, the primary measure's effect, the controls and the verdict; a second row
-    ``<claim> (GRPO)`` with GRPO − SFT where GRPO was measured."""
+    """Markdown: claim by claim, the primary measure's effect, the controls and the verdict; when GRPO was
+    measured (in any result), a second row ``<claim> (GRPO)`` with GRPO − SFT."""
     body = []
+    measured = [(a, b) for a, b in EFFECTS[1:] if any(a in r.conditions for r in results)]
     for claim in CLAIMS:
         primary = next((r for r in results if r.measure.claim == claim and r.measure.primary), None)
         if primary is None:
@@ -320,14 +321,10 @@ def claims_table(results: Sequence[MeasureResult]) -> str:
         body.append(
             [claim, primary.measure.name, effect.text(digits), controls or "–", verdict(effect, digits)]
         )
-        for a, b in EFFECTS[1:]:
+        for a, b in measured:
             label = _label(a, b)
-            if label in primary.differences:
-                row = [
-                    f"{claim} ({a.upper()})",
-                    primary.measure.name,
-                    primary.differences[label].text(digits),
-                ]
-                body.append([*row, "–", verdict(primary.differences[label], digits, label)])
+            other = primary.differences.get(label, Stat([]))
+            row = [f"{claim} ({a.upper()})", primary.measure.name, other.text(digits)]
+            body.append([*row, "–", verdict(other, digits, label)])
     headers = ["claim (paper: DPO > SFT; appendix B: GRPO > SFT)", "measure", "DPO (GRPO) − SFT (paired)"]
     return _md([*headers, "controls", "verdict"], body)
