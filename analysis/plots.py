@@ -518,5 +518,6 @@ def plot_gradcam_grid(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(headers[c], fontsize=9)
-    fig.suptitle(title or "Gradient maps on the vision tokens (SFT vs DPO)", fontsize=10)
+    shown = " vs ".join(loss.upper() for loss in loss_types)
+    fig.suptitle(title or f"Gradient maps on the vision tokens ({shown})", fontsize=10)
     return _save(fig, out_path)
