@@ -13,7 +13,9 @@ results rows into, per measure,
   every seed) pairs with every key of the other condition;
 - mean ± std (ddof 1) over pair keys per condition, and paired differences ``a − b`` over the keys
   both have: DPO − SFT (the effect) and the controls next to it, sign-flipped DPO − DPO, frozen-
-  encoder DPO − DPO, and Stage 1 − original tower;
+  encoder DPO − DPO, and Stage 1 − original tower; where a GRPO run exists, GRPO − SFT too (the
+  paper's appendix B, Table C: GRPO beats SFT on the benchmarks, ImageNet and segmentation), with a
+  verdict of its own by the same rule;
 - a verdict for the claim's primary measure, computed from the paired DPO − SFT differences with a
   paired t-test (two-sided, 95 %): *resolved* when ``|mean| > t(0.975, n−1)·std/√n`` (with std 0, any
   non-zero mean), then "reproduces" (DPO > SFT, the paper's direction) or "does not reproduce"
@@ -32,6 +34,8 @@ from typing import Any
 import numpy as np
 
 EFFECT: tuple[str, str] = ("dpo", "sft")
+EFFECTS: tuple[tuple[str, str], ...] = (EFFECT, ("grpo", "sft"))
+"""Differences with a verdict per claim: DPO − SFT always, GRPO − SFT where GRPO was measured."""
 CONTROLS: tuple[tuple[str, str, str], ...] = (
     ("dpo_flipped", "dpo", "sign-flipped DPO − DPO"),
     ("dpo_frozen", "dpo", "frozen-encoder DPO − DPO"),
@@ -43,10 +47,11 @@ CONFIDENCE = 0.95
 METHOD_NOTE = (
     "Each measure is averaged over its repeats (e.g. probe seeds) per training seed, then shown as mean ± std "
     "over training seeds (Grad-CAM: over samples). DPO − SFT is paired by seed (sample); the controls beside it "
-    "show what a broken or absent effect looks like. Verdict: a two-sided paired t-test of DPO − SFT at "
-    f"{CONFIDENCE:.0%}: *reproduces* / *does not reproduce* when |mean| > t·std/√n, else *cannot tell*."
+    "show what a broken or absent effect looks like. Verdict: a two-sided paired t-test of DPO − SFT (and of "
+    f"GRPO − SFT, appendix B) at {CONFIDENCE:.0%}: *reproduces* / *does not reproduce* when |mean| > t·std/√n, "
+    "else *cannot tell*."
 )
-CONDITION_ORDER: tuple[str, ...] = ("original", "stage1", "sft", "dpo", "dpo_frozen", "dpo_flipped")
+CONDITION_ORDER: tuple[str, ...] = ("original", "stage1", "sft", "dpo", "grpo", "dpo_frozen", "dpo_flipped")
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,8 @@ class MeasureResult:
 
 
 def _label(a: str, b: str) -> str:
-    return f"{a.upper() if a in EFFECT else a} − {b.upper() if b in EFFECT else b}"
+    losses = {loss for effect in EFFECTS for loss in effect}
+    return f"{a.upper() if a in losses else a} − {b.upper() if b in losses else b}"
 
 
 def paired(values_a: Mapping[Any, float], values_b: Mapping[Any, float]) -> Stat:
@@ -223,19 +229,19 @@ def evaluate(measure: Measure, rows: Sequence[dict[str, Any]]) -> MeasureResult:
         set(by_condition) - set(CONDITION_ORDER)
     )
     result.conditions = {c: Stat(list(by_condition[c].values())) for c in order}
-    for a, b, label in ((*EFFECT, _label(*EFFECT)), *CONTROLS):
+    for a, b, label in (*((*effect, _label(*effect)) for effect in EFFECTS), *CONTROLS):
         if a in by_condition and b in by_condition:
             result.differences[label] = paired(by_condition[a], by_condition[b])
     result.differences.setdefault(_label(*EFFECT), Stat([]))
     return result
 
 
-def verdict(effect: Stat, digits: int = 2) -> str:
-    """The claim's verdict from the paired DPO − SFT differences (module docstring)."""
+def verdict(effect: Stat, digits: int = 2, label: str = _label(*EFFECT)) -> str:
+    """The claim's verdict from the paired differences ``label`` (DPO − SFT; module docstring)."""
     if effect.n < MIN_PAIRS:
         return f"cannot tell: {effect.n} paired seed(s), need {MIN_PAIRS}"
     bar = t_critical(effect.n) * (effect.std or 0.0) / math.sqrt(effect.n)
-    shown = f"DPO − SFT = {effect.text(digits)}"
+    shown = f"{label} = {effect.text(digits)}"
     if not abs(effect.mean) > bar:
         return f"cannot tell: {shown} is within seed noise (needs abs(mean) > {bar:.{digits}f})"
     if effect.mean > 0:
@@ -296,8 +302,10 @@ def seed_table(results: Sequence[MeasureResult]) -> str:
 
 
 def claims_table(results: Sequence[MeasureResult]) -> str:
-    """Markdown: claim by claim, the primary measure's effect, the controls and the verdict."""
+    """Markdown: claim by claim, the primary measure's effect, the controls and the verdict; when GRPO was
+    measured (in any result), a second row ``<claim> (GRPO)`` with GRPO − SFT."""
     body = []
+    measured = [(a, b) for a, b in EFFECTS[1:] if any(a in r.conditions for r in results)]
     for claim in CLAIMS:
         primary = next((r for r in results if r.measure.claim == claim and r.measure.primary), None)
         if primary is None:
@@ -313,4 +321,10 @@ def claims_table(results: Sequence[MeasureResult]) -> str:
         body.append(
             [claim, primary.measure.name, effect.text(digits), controls or "–", verdict(effect, digits)]
         )
-    return _md(["claim (paper: DPO > SFT)", "measure", "DPO − SFT (paired)", "controls", "verdict"], body)
+        for a, b in measured:
+            label = _label(a, b)
+            other = primary.differences.get(label, Stat([]))
+            row = [f"{claim} ({a.upper()})", primary.measure.name, other.text(digits)]
+            body.append([*row, "–", verdict(other, digits, label)])
+    headers = ["claim (paper: DPO > SFT; appendix B: GRPO > SFT)", "measure", "DPO (GRPO) − SFT (paired)"]
+    return _md([*headers, "controls", "verdict"], body)

@@ -10,7 +10,8 @@ the map is the L2 norm of ∂L/∂A over channels, laid on the patch grid.
 Losses are the trainer's (``llava.train.losses``, ``llava.train.logps``): SFT = token-mean NLL of the
 chosen reply; DPO (and IPO, hinge, MPO) with the reference log-probs of the starting model (scored
 once per sample before any update, in eval mode: the same numbers a frozen copy gives) or of a
-cache file (``--ref_logps``, e.g. the training run's ``ref_logps.json``).
+cache file (``--ref_logps``, e.g. the training run's ``ref_logps.json``). GRPO (``--loss_types grpo``):
+the clipped surrogate of a group sampled at each step, analysis.gradcam_grpo.
 
 The paper's protocol (``steps``): train a fresh copy of the starting model on the single sample for
 ``max(steps)`` updates with the real optimizer (AdamW over ``build_param_groups``, weight decay 0,
@@ -62,8 +63,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_schedule_with_warmup
 
+from analysis import gradcam_grpo, plots
 from analysis import gradcam_metrics as gm
-from analysis import plots
 from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
@@ -80,8 +81,11 @@ from llava.train.reference import load_reference_logps, lookup
 
 logger = logging.getLogger(__name__)
 
-PAPER_LEARNING_RATES = {"sft": 5e-6, "dpo": 1e-6}
-"""Stage-2 learning rates of the paper (DESIGN §4); other preference losses default to DPO's."""
+PAPER_LEARNING_RATES = {"sft": 5e-6, "dpo": 1e-6, gradcam_grpo.LOSS_TYPE: 1e-6}
+"""Stage-2 learning rates of the paper (DESIGN §4; GRPO: scripts/train/grpo.sh); other preference losses
+default to DPO's."""
+LOSS_TYPES = (*LOSSES, gradcam_grpo.LOSS_TYPE)
+"""The trainer's preference/SFT losses and GRPO (analysis.gradcam_grpo)."""
 RefLogps = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -90,7 +94,7 @@ class GradcamConfig:
     """What to compute per sample (defaults: the paper's Stage-2 recipe and Grad-CAM protocol)."""
 
     loss_types: tuple[str, ...] = ("sft", "dpo")
-    """Losses whose gradients are mapped (keys of llava.train.losses.LOSSES)."""
+    """Losses whose gradients are mapped (keys of llava.train.losses.LOSSES, or grpo)."""
     steps: tuple[int, ...] = (20,)
     """Record the map of the gradient at these training steps (0 = the checkpoint itself)."""
     train_steps: int | None = None
@@ -105,17 +109,19 @@ class GradcamConfig:
     """Gradient clipping before each update (HF Trainer default); maps are recorded unclipped."""
     mm_tunable_parts: str = "mm_vision_tower,mm_mlp_adapter,mm_language_model"
     """Parts trained in protocol mode (Stage 2: all, one LR)."""
+    grpo: gradcam_grpo.GRPOGradcamConfig = field(default_factory=gradcam_grpo.GRPOGradcamConfig)
+    """Sampling and rewards of the GRPO loss (analysis.gradcam_grpo)."""
 
     def __post_init__(self) -> None:
-        unknown = [loss for loss in self.loss_types if loss not in LOSSES]
+        unknown = [loss for loss in self.loss_types if loss not in LOSS_TYPES]
         if unknown or not self.loss_types:
-            raise ValueError(f"loss_types {list(self.loss_types)}: choose from {sorted(LOSSES)}")
+            raise ValueError(f"loss_types {list(self.loss_types)}: choose from {sorted(LOSS_TYPES)}")
         if not self.steps or min(self.steps) < 0:
             raise ValueError(f"steps {list(self.steps)} must be a non-empty list of steps >= 0")
         self.steps = tuple(sorted(set(self.steps)))
         if self.train_steps is not None and self.train_steps < max(self.steps):
             raise ValueError(f"train_steps={self.train_steps} < the last recorded step {max(self.steps)}")
-        bad = {k: v for k, v in self.learning_rates.items() if k not in LOSSES or not v > 0}
+        bad = {k: v for k, v in self.learning_rates.items() if k not in LOSS_TYPES or not v > 0}
         if bad:
             raise ValueError(f"learning_rates {bad}: keys must be loss types and values > 0")
         if self.beta <= 0 or not 0 <= self.warmup_ratio < 1 or self.max_grad_norm <= 0:
@@ -183,7 +189,10 @@ class VisionTokenCapture:
 def sample_loss(
     model: PreTrainedModel, batch: dict, loss_type: str, loss_config: LossConfig, ref: RefLogps | None
 ) -> torch.Tensor:
-    """The trainer's per-sample loss of a one-sample batch (SFT reads the chosen side only)."""
+    """The trainer's per-sample loss of a one-sample batch (SFT reads the chosen side only; GRPO scores
+    the group sampled for this step, ``batch["group"]``)."""
+    if loss_type == gradcam_grpo.LOSS_TYPE:
+        return gradcam_grpo.group_loss(model, batch["group"], batch["config"])
     if loss_type == "sft":
         logps, counts = chosen_logps(model, batch)
         stats = PairStats(logps, None, None, None, counts, None)
@@ -290,8 +299,10 @@ def loss_maps(
     cfg: GradcamConfig,
     ref: RefLogps | None,
     image_hw: tuple[int, int],
+    grpo: gradcam_grpo.GroupSampler | None = None,
 ) -> list[StepMap]:
-    """Maps of one loss at ``cfg.steps``, training on the sample in between (module docstring)."""
+    """Maps of one loss at ``cfg.steps``, training on the sample in between (module docstring); GRPO
+    samples a new group from the current weights at every step (``batch["grpo"]``: the prompt batch)."""
     loss_config = LossConfig(beta=cfg.beta)
     last = max(cfg.steps)
     optimizer = scheduler = None
@@ -305,8 +316,13 @@ def loss_maps(
     params = [p for group in (optimizer.param_groups if optimizer else []) for p in group["params"]]
     maps = []
     for step in range(last + 1):
+        step_batch = batch
+        if loss_type == gradcam_grpo.LOSS_TYPE:
+            if grpo is None:
+                raise ValueError("the grpo loss needs a gradcam_grpo.GroupSampler")
+            step_batch = {"group": grpo.sample(model, batch["grpo"]), "config": cfg.grpo}
         loss, grad = vision_token_gradient(
-            model, batch, loss_type, loss_config, ref, backward=optimizer is not None
+            model, step_batch, loss_type, loss_config, ref, backward=optimizer is not None
         )
         if step in cfg.steps:
             lr = scheduler.get_last_lr()[0] if scheduler else None
@@ -329,13 +345,14 @@ def sample_maps(
     ref: RefLogps | None,
     image_hw: tuple[int, int],
     initial: InitialWeights | None = None,
+    grpo: gradcam_grpo.GroupSampler | None = None,
 ) -> dict[str, list[StepMap]]:
     """Maps of every loss type for one sample; weights are restored after each training run."""
     if initial is None and cfg.trains:
         raise ValueError("protocol mode (steps > 0) needs InitialWeights to restore the model between runs")
     out = {}
     for loss_type in cfg.loss_types:
-        out[loss_type] = loss_maps(model, batch, loss_type, cfg, ref, image_hw)
+        out[loss_type] = loss_maps(model, batch, loss_type, cfg, ref, image_hw, grpo)
         if initial is not None:
             initial.restore(model)
     return out
@@ -407,7 +424,8 @@ def write_sample_outputs(
         for loss, step_map in step_maps.items():
             map_rel = Path("maps") / f"{name}_{loss}{suffix}.npy"
             np.save(out / map_rel, step_map.grid)
-            mass = None if coverage is None else gm.mass_in_region(step_map.grid, coverage)
+            flat = not step_map.grid.any()  # GRPO, all rewards equal: no gradient (analysis.gradcam_grpo)
+            mass = None if coverage is None or flat else gm.mass_in_region(step_map.grid, coverage)
             stats[loss] = {} if mass is None else {"mass_in_box": mass}
             overlay = out / "overlays" / f"{name}_{loss}{suffix}.png"
             save_overlay(pixels, step_map.grid, overlay, vmax, f"{record.id} {loss} step {step}")
@@ -419,7 +437,7 @@ def write_sample_outputs(
                     "loss": step_map.loss,
                     "learning_rate": step_map.learning_rate,
                     "mass_in_box": mass,
-                    "entropy": gm.normalised_entropy(step_map.grid),
+                    "entropy": None if flat else gm.normalised_entropy(step_map.grid),
                     "map_npy": map_rel.as_posix(),
                     "image": image_rel.as_posix(),
                     "grid": list(step_map.grid.shape),
@@ -458,18 +476,25 @@ def run_gradcam(
     model, tokenizer, image_processor = load_model(checkpoint, dtype)
     model.to(device)
     cache = load_reference_logps(ref_logps_path, [r.id for r in records]) if ref_logps_path else None
-    needs_ref = any(loss != "sft" for loss in cfg.loss_types)
+    needs_ref = any(loss not in ("sft", gradcam_grpo.LOSS_TYPE) for loss in cfg.loss_types)
     initial = InitialWeights(model) if cfg.trains else None
+    grpo = None
+    if gradcam_grpo.LOSS_TYPE in cfg.loss_types:
+        grpo = gradcam_grpo.GroupSampler(cfg.grpo, tokenizer, template, device)
     rows: list[dict[str, Any]] = []
     for record in records:
         batch = prepare_batch(record, tokenizer, image_processor, model.config, template, model_max_length)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if grpo is not None:
+            batch["grpo"] = gradcam_grpo.prompt_batch(
+                record, tokenizer, image_processor, model.config, template, model_max_length, device
+            )
         image = load_image(record.images[0], record.id, record.source)
         image_hw = (image.height, image.width)
         ref = None
         if needs_ref:
             ref = lookup(cache, [record.id], device) if cache else policy_reference_logps(model, batch)
-        maps = sample_maps(model, batch, cfg, ref, image_hw, initial)
+        maps = sample_maps(model, batch, cfg, ref, image_hw, initial, grpo)
         extent = gm.map_extent(image_processor, model.config, *image_hw)
         rows += write_sample_outputs(out, record, image, extent, maps, cfg, image_folder)
         logger.info("gradient maps of %s done", record.id)
@@ -516,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     chosen.add_argument("--ids_file", help="text file with one sample id per line")
     chosen.add_argument("--num_samples", type=int, default=8, help="map the first N records (default 8)")
     parser.add_argument(
-        "--loss_types", nargs="+", default=["sft", "dpo"], help=f"losses, from {sorted(LOSSES)}"
+        "--loss_types", nargs="+", default=["sft", "dpo"], help=f"losses, from {sorted(LOSS_TYPES)}"
     )
     parser.add_argument(
         "--steps",
@@ -531,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=_lr_pair,
         default=[],
-        help="LOSS=LR overrides (default sft=5e-6, preference 1e-6)",
+        help="LOSS=LR overrides (default sft=5e-6, preference and grpo 1e-6)",
     )
     parser.add_argument("--beta", type=float, default=0.1, help="KL strength of the preference losses")
     parser.add_argument(
@@ -559,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
     )
+    gradcam_grpo.add_arguments(parser)
     return parser
 
 
@@ -585,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             warmup_ratio=args.warmup_ratio,
             max_grad_norm=args.max_grad_norm,
             mm_tunable_parts=args.mm_tunable_parts,
+            grpo=gradcam_grpo.config_from_args(args),
         )
     except ValueError as error:
         parser.error(str(error))

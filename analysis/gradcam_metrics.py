@@ -305,7 +305,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (run, loss, step), members in groups.items():
         masses = [float(r["mass_in_box"]) for r in members if r.get("mass_in_box") is not None]
         mass_mean, mass_std = _mean_std(masses)
-        entropy_mean, entropy_std = _mean_std([float(r["entropy"]) for r in members])
+        # A map without gradient (GRPO, equal rewards in the group) has neither mass nor entropy.
+        entropy_mean, entropy_std = _mean_std(
+            [float(r["entropy"]) for r in members if r.get("entropy") is not None]
+        )
         out.append(
             {
                 "run": run,
@@ -331,9 +334,8 @@ def read_gradcam_rows(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not isinstance(doc, dict) or doc.get("kind") != "gradcam":
             raise ValueError(f"{path}: not a results file of kind 'gradcam'")
         for index, row in enumerate(rows_with_file_labels(Path(path), {"run": str(path), **doc})):
-            for key in ("loss_type", "entropy"):
-                if row.get(key) is None:
-                    raise ValueError(f"{path} row {index}: missing {key!r}")
+            if row.get("loss_type") is None:
+                raise ValueError(f"{path} row {index}: missing 'loss_type'")
             rows.append(row)
     return rows
 

@@ -39,9 +39,15 @@ from matplotlib.figure import Figure
 Row = Mapping[str, Any]
 
 CATEGORY_PANELS: tuple[str, ...] = ("Average", "General", "Knowledge", "OCR & Chart", "Vision-centric")
-LOSS_ORDER: tuple[str, ...] = ("base", "sft", "dpo", "mpo")
-LOSS_COLORS: dict[str, str] = {"base": "#9e9e9e", "sft": "#4c72b0", "dpo": "#dd8452", "mpo": "#55a868"}
-EXTRA_COLORS: tuple[str, ...] = ("#8172b3", "#c44e52", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
+LOSS_ORDER: tuple[str, ...] = ("base", "sft", "dpo", "mpo", "grpo")
+LOSS_COLORS: dict[str, str] = {
+    "base": "#9e9e9e",
+    "sft": "#4c72b0",
+    "dpo": "#dd8452",
+    "mpo": "#55a868",
+    "grpo": "#c44e52",
+}
+EXTRA_COLORS: tuple[str, ...] = ("#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974")
 SIZE_WORDS: dict[str, int] = {
     "tiny": 0,
     "small": 1,
@@ -512,5 +518,6 @@ def plot_gradcam_grid(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(headers[c], fontsize=9)
-    fig.suptitle(title or "Gradient maps on the vision tokens (SFT vs DPO)", fontsize=10)
+    shown = " vs ".join(loss.upper() for loss in loss_types)
+    fig.suptitle(title or f"Gradient maps on the vision tokens ({shown})", fontsize=10)
     return _save(fig, out_path)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole paper in miniature, end to end on CPU, offline (`make demo` runs this):
 # tiny presets → synthetic world → Stage 0 (tower pretraining on the world) → Stage 1a → Stage 1b → Stage 2
-# SFT and DPO from the same Stage-1 checkpoint on the same samples, for every seed in SEEDS (+ controls with
+# SFT, DPO and GRPO from the same Stage-1 checkpoint on the same samples, for every seed in SEEDS (+ controls with
 # DEMO_CONTROLS=1) → encoder export → world benchmark through lmms-eval, linear probe, segmentation probe,
 # Platonic alignment (MiniLM as reference LM), Grad-CAM with localisation → runs/demo/report/report.md with
 # claim-by-claim verdicts. Tiny models, sizes and steps chosen by measurement (docs/DECISIONS.md, "The
@@ -48,6 +48,10 @@ export OMP_NUM_THREADS=$DEMO_THREADS MKL_NUM_THREADS=$DEMO_THREADS
 LR_S0=${LR_S0:-1e-3}
 LR_S1A=${LR_S1A:-1e-3}; LR_S1B=${LR_S1B:-1e-3}; VISION_LR_S1B=${VISION_LR_S1B:-2e-4}
 LR_SFT=${LR_SFT:-5e-4}; LR_DPO=${LR_DPO:-1e-4}; BETA=${BETA:-0.1}
+# GRPO (scripts/train/grpo.sh, no KL term): GRPO_G completions of at most GRPO_MAX_TOKENS tokens per prompt (the
+# longest Stage-1b answer is 14 tokens), rewarded by named_answer (the world benchmark's answer rule); G = 4 keeps
+# its cost near a DPO run's (docs/DECISIONS.md, "GRPO in the miniature").
+LR_GRPO=${LR_GRPO:-1e-4}; GRPO_G=${GRPO_G:-4}; GRPO_MAX_TOKENS=${GRPO_MAX_TOKENS:-16}
 
 TINY=$DEMO_DIR/tiny; WORLD=$DEMO_DIR/world; DATA=$DEMO_DIR/data; RESULTS=$DEMO_DIR/results
 export PYTHON LLM_VERSION=$TINY/llm VISION_MODEL_VERSION=$DEMO_DIR/stage0 IMAGE_FOLDER=$WORLD
@@ -122,20 +126,23 @@ stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$
 stage stage1b_full      env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \
                           OUTPUT_DIR="$DEMO_DIR/stage1_full" LR="$LR_S1B" VISION_LR="$VISION_LR_S1B" \
                           EPOCHS="$EPOCHS_S1B" bash scripts/train/stage1_full.sh --save_strategy no
-# Stage 2 from the one Stage-1 checkpoint: SFT and DPO per training seed (same samples, same order within a
-# seed), and with DEMO_CONTROLS=1 two controls per seed: DPO with the vision tower frozen (the encoder gets no
-# gradient) and sign-flipped DPO (llava/train/losses.py dpo_sign_flipped, it prefers the wrong answers).
-CONDITIONS=(sft dpo)
+# Stage 2 from the one Stage-1 checkpoint: SFT, DPO and GRPO per training seed (same samples, same order within
+# a seed; GRPO reads the converter's mmpr_grpo.json: the same ids with their answers), and with DEMO_CONTROLS=1
+# two controls per seed: DPO with the vision tower frozen (the encoder gets no gradient) and sign-flipped DPO
+# (llava/train/losses.py dpo_sign_flipped, it prefers the wrong answers).
+CONDITIONS=(sft dpo grpo)
 [ "$DEMO_CONTROLS" = 1 ] && CONDITIONS+=(dpo_frozen dpo_flipped)
 stage2() {  # stage2 CONDITION SEED: one Stage-2 run into $DEMO_DIR/stage2/CONDITION_sSEED
-  local script=dpo.sh lr=$LR_DPO loss=dpo extra=()
+  local script=dpo.sh lr=$LR_DPO loss=dpo extra=() data=mmpr_dpo.json beta=$BETA
   case $1 in
     sft) script=sft.sh; lr=$LR_SFT; loss=sft ;;
+    grpo) script=grpo.sh; lr=$LR_GRPO; loss=grpo; data=mmpr_grpo.json; beta=0 ;;
     dpo_frozen) extra=(--mm_tunable_parts mm_mlp_adapter,mm_language_model) ;;
     dpo_flipped) loss=dpo_sign_flipped ;;
   esac
-  env CKPT_PATH="$DEMO_DIR/stage1_full" DATA_PATH="$DATA/mmpr_dpo.json" OUTPUT_DIR="$DEMO_DIR/stage2/$1_s$2" \
-    SEED="$2" LOSS_TYPE="$loss" LR="$lr" BETA="$BETA" EPOCHS="$EPOCHS_S2" \
+  env CKPT_PATH="$DEMO_DIR/stage1_full" DATA_PATH="$DATA/$data" OUTPUT_DIR="$DEMO_DIR/stage2/$1_s$2" \
+    SEED="$2" LOSS_TYPE="$loss" LR="$lr" BETA="$beta" EPOCHS="$EPOCHS_S2" NUM_GENERATIONS="$GRPO_G" \
+    MAX_COMPLETION_LENGTH="$GRPO_MAX_TOKENS" REWARD_FUNCS=named_answer REWARD_WEIGHTS=1 \
     bash "scripts/train/$script" --save_strategy no "${extra[@]}"
 }
 for S in $SEEDS; do
@@ -163,7 +170,7 @@ for ((J = 0; J < DEMO_JOBS; J++)); do
 done
 pwait
 # Loss labels group the bars of Figure 2 (mean ± std over seeds); the controls get bars of their own.
-declare -A LOSS_LABEL=([sft]=sft [dpo]=dpo [dpo_frozen]="dpo (frozen tower)" [dpo_flipped]=dpo_sign_flipped)
+declare -A LOSS_LABEL=([sft]=sft [dpo]=dpo [grpo]=grpo [dpo_frozen]="dpo (frozen tower)" [dpo_flipped]=dpo_sign_flipped)
 TOWER_LABEL="\"vision_tower\": \"$(basename "$VISION_MODEL_VERSION")\""
 LABELS=()  # analysis.benchmarks labels: lmms-eval's <model> directory -> run (condition) and train_seed
 label_eval() {  # label_eval NAME LABELS_JSON
@@ -185,11 +192,12 @@ stage world_table       "$PYTHON" -m analysis.benchmarks "${LABELS_DIRS[@]}" --s
 # shellcheck disable=SC2086
 pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
                           --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
-                          --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo \
-                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" --beta "$BETA" \
+                          --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo grpo \
+                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" grpo="$LR_GRPO" --beta "$BETA" \
+                          --num_generations "$GRPO_G" --max_completion_length "$GRPO_MAX_TOKENS" --reward_funcs named_answer \
                           --out_dir "$RESULTS/gradcam"
 # Encoder analyses once per training seed over original, Stage 1 and that seed's Stage-2 runs; each results
-# file is stamped with its train_seed so the report pairs DPO with SFT seed by seed (analysis/claims.py).
+# file is stamped with its train_seed so the report pairs DPO and GRPO with SFT seed by seed (analysis/claims.py).
 for S in $SEEDS; do
   ENCODERS=("$DEMO_DIR/original" "$DEMO_DIR/stage1_full"); NAMES=(original stage1); VISION=()
   for C in "${CONDITIONS[@]}"; do ENCODERS+=("$DEMO_DIR/stage2/${C}_s$S"); NAMES+=("$C"); done

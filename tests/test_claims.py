@@ -141,3 +141,34 @@ def test_report_states_each_claim_and_labels_files_with_their_training_seed(tmp_
     assert "cannot tell: DPO − SFT = 0.00 ± 0.00 (n=2) is within seed noise" in lines["vision-centric VQA"]
     assert "cannot tell: not measured in this run" in lines["segmentation"]
     assert "**DPO − SFT** (paired) | 10.50 ± 0.71 (n=2)" in text  # the linear-probe seed table
+
+
+def test_grpo_gets_its_own_paired_difference_and_verdict_beside_dpo():
+    """Appendix B (Table C): GRPO − SFT, paired by seed like DPO − SFT, with a verdict of its own."""
+    rows = _probe_rows(
+        {
+            ("sft", 0): [0.40],
+            ("sft", 1): [0.60],
+            ("dpo", 0): [0.41],
+            ("dpo", 1): [0.65],  # DPO − SFT = 1, 5: within seed noise
+            ("grpo", 0): [0.50],
+            ("grpo", 1): [0.71],  # GRPO − SFT = 10, 11: resolved (10.5 > 12.71 * 0.71 / sqrt(2) = 6.35)
+        }
+    )
+    result = claims.evaluate(_measure(ENCODER), rows)
+    assert list(result.conditions) == ["sft", "dpo", "grpo"]
+    assert result.differences["GRPO − SFT"].values == pytest.approx([10.0, 11.0])
+    table = claims.claims_table([result])
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "cannot tell: DPO − SFT = 3.00 ± 2.83 (n=2) is within seed noise" in lines["encoder probes"]
+    assert "reproduces: GRPO − SFT = 10.50 ± 0.71 (n=2) (abs(mean) > 6.35)" in lines["encoder probes (GRPO)"]
+    assert "**GRPO − SFT** (paired) | 10.50 ± 0.71 (n=2)" in claims.seed_table([result])
+    without = claims.evaluate(_measure(ENCODER), [row for row in rows if row["run"] != "grpo"])
+    assert "GRPO" not in claims.claims_table([without]).split("\n", 2)[2]  # no GRPO row (the header names it)
+    # GRPO measured elsewhere but not here (e.g. Grad-CAM maps without gradient): a row that cannot tell.
+    assert "| segmentation (GRPO) |" not in table  # a claim not measured keeps its one row
+    gradcam = [{"id": i, "loss_type": loss, "mass_in_box": 0.5} for i in "ab" for loss in ("sft", "dpo")]
+    lines = claims.claims_table(
+        [result, claims.evaluate(_measure("Grad-CAM mass in box (last step)"), gradcam)]
+    )
+    assert "cannot tell: 0 paired seed(s), need 2" in lines.split("| Grad-CAM localisation (GRPO) |")[1]

@@ -1,7 +1,8 @@
 """The main job in miniature (`make demo` → scripts/demo.sh) at DEMO_SCALE=smoke, end to end on CPU.
 
 Checks what a user is promised: the report and every figure it links exist, it states a verdict for every
-claim of the paper, the metrics JSON has every section, the SFT and DPO runs of one seed consumed the same
+claim of the paper (DPO − SFT, and GRPO − SFT in rows of their own), the metrics JSON has every section with
+the GRPO runs beside SFT and DPO in every analysis, the SFT, DPO and GRPO runs of one seed consumed the same
 samples in the same order (and the two seeds different orders), and the encoders were exported in the
 documented format.
 """
@@ -26,7 +27,8 @@ FIGURES = (
 )
 SECTIONS = ("training", "linear_probe", "seg_probe", "alignment", "gradcam", "benchmarks")
 SEEDS = (0, 1)  # smoke scale: two Stage-2 seeds, no controls
-STAGE2 = tuple(f"stage2/{loss}_s{seed}" for seed in SEEDS for loss in ("sft", "dpo"))
+LOSSES = ("sft", "dpo", "grpo")
+STAGE2 = tuple(f"stage2/{loss}_s{seed}" for seed in SEEDS for loss in LOSSES)
 RUNS = ("stage1_proj", "stage1_full", *STAGE2)
 
 
@@ -42,8 +44,11 @@ def test_report_links_every_figure(demo_dir):
         "vision-centric VQA",
         "alignment",
     ):
-        (line,) = [line for line in claims.splitlines() if line.startswith(f"| {claim} |")]
-        assert re.search(r"\| (reproduces|does not reproduce|cannot tell): [^|]+\|$", line), line
+        for row in (claim, f"{claim} (GRPO)"):
+            (line,) = [line for line in claims.splitlines() if line.startswith(f"| {row} |")]
+            assert re.search(r"\| (reproduces|does not reproduce|cannot tell): [^|]+\|$", line), line
+        # Grad-CAM: a GRPO group without reward variance has no gradient, so no mass in box to pair.
+        assert "GRPO − SFT = " in line or "cannot tell: 0 paired seed(s)" in line, line
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert {Path(link).name for link in links} >= set(FIGURES)
     for link in links:
@@ -63,15 +68,19 @@ def test_metrics_json_has_every_section(demo_dir):
         0.6931, abs=1e-3
     )  # policy = reference
     runs = {(row["run"], row["train_seed"]) for row in metrics["linear_probe"]}
-    assert runs == {(run, seed) for run in ("original", "stage1", "sft", "dpo") for seed in SEEDS}
+    assert runs == {(run, seed) for run in ("original", "stage1", *LOSSES) for seed in SEEDS}
+    for section, key in (("seg_probe", "run"), ("alignment", "vision")):
+        assert {(row[key], row["train_seed"]) for row in metrics[section]} >= {
+            (run, s) for run in LOSSES for s in SEEDS
+        }
     world = [row for row in metrics["benchmarks"] if row.get("train_seed") is not None]
-    assert {(row["run"], row["train_seed"]) for row in world} >= {
-        (run, s) for run in ("sft", "dpo") for s in SEEDS
-    }
+    assert {(row["run"], row["train_seed"]) for row in world} >= {(run, s) for run in LOSSES for s in SEEDS}
+    assert {row["loss_type"] for row in metrics["gradcam"]} == set(LOSSES)
+    assert metrics["training"]["stage2/grpo_s0"]["loss_type"] == "grpo"
 
 
 @pytest.mark.slow
-def test_sft_and_dpo_saw_the_same_samples_and_exported_their_encoders(demo_dir):
+def test_sft_dpo_and_grpo_saw_the_same_samples_and_exported_their_encoders(demo_dir):
     ids = {}
     for run in STAGE2:
         lines = (demo_dir / run / "sample_order.jsonl").read_text().splitlines()
@@ -80,5 +89,6 @@ def test_sft_and_dpo_saw_the_same_samples_and_exported_their_encoders(demo_dir):
         assert export["loss_type"] == Path(run).name.split("_")[0]
         assert (demo_dir / run / "vision_encoder" / "model.safetensors").is_file()
     for seed in SEEDS:
-        assert ids[f"stage2/sft_s{seed}"] == ids[f"stage2/dpo_s{seed}"] and ids[f"stage2/sft_s{seed}"]
+        assert ids[f"stage2/sft_s{seed}"] == ids[f"stage2/dpo_s{seed}"] == ids[f"stage2/grpo_s{seed}"]
+        assert ids[f"stage2/sft_s{seed}"]
     assert ids["stage2/sft_s0"] != ids["stage2/sft_s1"], "the seeds should order the samples differently"

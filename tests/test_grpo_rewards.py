@@ -11,6 +11,7 @@ from llava.train.rewards import (
     extract_answer,
     format_reward,
     iou_reward,
+    named_answer,
 )
 
 
@@ -83,3 +84,28 @@ def test_combined_weights_and_errors():
     with pytest.raises(ValueError, match="weights"):
         combined_rewards(["format"], [1.0, 2.0], ["x"], records)
     assert set(REWARDS) >= {"exact_match", "format", "iou"}
+
+
+def test_named_answer_reads_the_answer_as_the_world_benchmark_does():
+    colour = {"id": "c", "answer": "red", "answer_values": ["red", "blue", "green"]}
+    count = {"id": "n", "answer": 2, "answer_format": "number", "answer_values": ["1", "2", "3", "12"]}
+    cases = [
+        (
+            "The square is red.",
+            colour,
+            1.0,
+        ),  # Stage 1b's sentence answer; exact_match reads the whole sentence
+        ("The square is blue.", colour, 0.0),
+        ("Red blue green.", colour, 1.0),  # only the first value named counts ...
+        ("Blue, red, green.", colour, 0.0),  # ... so naming them all is not rewarded
+        ("The red one? No: the answer is green.", colour, 0.0),  # "answer is" wins
+        ("reddish", colour, 0.0),  # whole words only
+        ("There are 12 stars.", count, 0.0),  # "12" is not "2"
+        ("There are 2 stars.", count, 1.0),
+    ]
+    completions, records, expected = zip(*cases)
+    assert named_answer(list(completions), list(records)) == list(expected)
+    assert exact_match(["The square is red."], [colour]) == [0.0]
+    with pytest.raises(ValueError, match="record 'x'.*answer_values"):
+        named_answer(["red"], [{"id": "x", "answer": "red"}])
+    assert "named_answer" in REWARDS

@@ -56,6 +56,13 @@ QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position")
 ANSWER_STYLES: dict[str, float] = {"short": 0.4, "medium": 0.2, "long": 0.2, "think": 0.2}
 """Style of a chosen/rejected pair (``answer_type``) and how often it is drawn."""
 MEDIUM_MIN_WORDS = 30
+ANSWER_VALUES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": tuple(str(n) for n in range(1, len(COLOURS) + 1)),  # a scene has at most len(COLOURS) objects
+    "position": ("yes", "no"),
+}
+"""Every answer a question of each type can have (MMPR lines' ``answer_values``, llava.train.rewards)."""
 
 MMPR_DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "synth_attribute": ("../images", ("colour", "shape")),
@@ -263,7 +270,7 @@ def union_box(scene: Scene, targets: Sequence[int]) -> list[int]:
 def make_preference_question(
     scene: Scene, rng: np.random.Generator, question_type: str | None = None, style: str | None = None
 ) -> dict[str, Any]:
-    """An MMPR-style record ``{question, chosen, rejected, box, answer_type, question_type}``.
+    """An MMPR-style record ``{question, chosen, rejected, box, answer_type, question_type, answer...}``.
 
     ``question_type`` (one of :data:`QUESTION_TYPES`) and ``style`` (one of :data:`ANSWER_STYLES`)
     are drawn with ``rng`` when None; a ``question_type`` the scene cannot ask raises ValueError.
@@ -292,6 +299,7 @@ def make_preference_question(
         "question_type": question_type,
         "answer": question.answer,  # GRPO ground truth (llava.train.rewards)
         "answer_format": "number" if question_type == "count" else "short",
+        "answer_values": list(ANSWER_VALUES[question_type]),
     }
 
 

@@ -10,6 +10,12 @@ else the whole completion. Comparison by `answer_format`:
 - `multiple_choice`: one letter; "(A)", "A.", "A)" and "A" match "A", but "A cat" does not;
 - `number`: numeric value within a relative tolerance (1e-6 default), so "12" ≠ "2" and "3.0" = "3";
 - `short`: case-, article- and punctuation-insensitive whole-string equality (never a substring).
+
+`named_answer` reads the answer the way the miniature's world benchmark scores greedy answers
+(llava.data.world_bench.parse_answer): the value after "answer is", else the first of the record's
+`answer_values` (every answer its question can have; the synthetic world writes them) that the completion
+names. It rewards the sentence answers Stage 1b teaches ("The circle is red."), which `exact_match` reads
+as the whole sentence; naming every value earns nothing, since only the first named one counts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 
 from llava.data.records import ANSWER_FORMATS
+from llava.data.world_bench import parse_answer
 
 RewardFn = Callable[[list[str], list[dict]], list[float]]
 NUMBER_TOLERANCE = 1e-6
@@ -88,6 +95,21 @@ def exact_match(completions: list[str], records: list[dict]) -> list[float]:
     ]
 
 
+def named_answer(completions: list[str], records: list[dict]) -> list[float]:
+    """1 when the first of the record's `answer_values` that the completion names (or the one after
+    "answer is") is its `answer`, else 0 (module docstring)."""
+    scores = []
+    for completion, record in zip(completions, records, strict=True):
+        values = record.get("answer_values")
+        if not values:
+            raise ValueError(
+                f"record {record.get('id')!r}: named_answer needs `answer_values` (the answers its question can "
+                "have), as the synthetic world writes them; use exact_match for other data."
+            )
+        scores.append(float(parse_answer(completion, values) == str(record["answer"]).lower()))
+    return scores
+
+
 def format_reward(completions: list[str], records: list[dict]) -> list[float]:
     """1 when the answer is stated explicitly: a `\\boxed{}`, "the answer is X", a closed `<think>` block
     followed by text, or a one-line answer of at most five words."""
@@ -122,7 +144,12 @@ def iou_reward(completions: list[str], records: list[dict]) -> list[float]:
     return scores
 
 
-REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_reward, "iou": iou_reward}
+REWARDS: dict[str, RewardFn] = {
+    "exact_match": exact_match,
+    "named_answer": named_answer,
+    "format": format_reward,
+    "iou": iou_reward,
+}
 
 
 def combined_rewards(

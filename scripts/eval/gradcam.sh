@@ -22,6 +22,8 @@ IMAGE_FOLDER=${IMAGE_FOLDER:-data/mmpr}
 # Sample list: a file with one id per line; empty = the first NUM_SAMPLES records of DATA_PATH.
 IDS_FILE=${IDS_FILE:-}
 NUM_SAMPLES=${NUM_SAMPLES:-64}
+# "sft dpo grpo" adds the GRPO loss of a group sampled per step (analysis/gradcam_grpo.py; its flags, e.g.
+# --num_generations 8 --reward_funcs exact_match format, go in the extra arguments).
 LOSS_TYPES=${LOSS_TYPES:-"sft dpo"}
 STEPS=${STEPS:-20}
 BETA=${BETA:-0.1}
