@@ -127,6 +127,29 @@ class DataArguments:
         default=False,
         metadata={"help": "Skip invalid records (ids and reasons written to skipped_records.jsonl)."},
     )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record store + validation cache (llava.data.store), on a filesystem every node shares; "
+            "default: <HF_DATASETS_CACHE>/pivot_records (set it to a shared path for multi-node runs)."
+        },
+    )
+    data_num_proc: int = field(
+        default=1, metadata={"help": "Processes validating the records, once, on the main process."}
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Sort samples by length within seeded mega-batches (one optimizer step each; less padding)."
+        },
+    )
+    length_data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --group_by_length: the DPO data whose prompt+longer-reply lengths order this run "
+            "(give it to the SFT run of a comparison so both see the same order)."
+        },
+    )
 
 
 @dataclass

@@ -36,7 +36,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava.data.collator import DataCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
-from llava.data.mixture import load_records_of_their_kind
+from llava.data.prepared import DataSettings, default_cache_dir, prepare_dataset
 from llava.export import cpu_state_dict, write_projector
 from llava.model.builder import ModelConfig, build_model, load_model
 from llava.model.image_tokens import image_token_counter
@@ -95,23 +95,30 @@ def load_projector(model, path: str) -> None:
 
 
 def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> MultimodalDataset:
-    parse_errors: list[RecordError] = []
-    kind, records = load_records_of_their_kind(
-        data_args.data_path, data_args.image_folder, seed=train_args.seed, errors=parse_errors
+    settings = DataSettings(
+        data_path=data_args.data_path,
+        image_folder=data_args.image_folder,
+        conv_template=data_args.conv_template,
+        model_max_length=data_args.model_max_length,
+        cache_dir=data_args.data_cache_dir or default_cache_dir(),
+        seed=train_args.seed,
+        num_proc=data_args.data_num_proc,
+        skip_invalid=data_args.skip_invalid,
+        skip_log=os.path.join(train_args.output_dir, SKIPPED_FILE),
+        group_by_length=data_args.group_by_length,
+        length_data_path=data_args.length_data_path,
     )
+    # The main process of the main node builds the record store and its validation; the others wait, then read.
+    with train_args.main_process_first(local=False, desc="record store and validation"):
+        prepared = prepare_dataset(
+            settings, tokenizer, image_processor, image_token_counter(config), train_args.process_index == 0
+        )
+    dataset, parse_errors, invalid = prepared.dataset, prepared.parse_errors, prepared.validation.invalid
+    kind = dataset.records.kind
     if train_args.loss_type in PREFERENCE_LOSSES and kind != "preference":
         raise ValueError(
             f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
         )
-    dataset = MultimodalDataset(
-        records,
-        tokenizer,
-        image_processor,
-        data_args.conv_template,
-        image_token_counter(config),
-        data_args.model_max_length,
-    )
-    invalid = dataset.invalid_records()
     step = (
         train_args.per_device_train_batch_size
         * train_args.gradient_accumulation_steps
@@ -159,7 +166,7 @@ def handle_invalid(
     if not skip:
         raise RecordError(errors[0].path, errors[0].record_id, f"{summary}\nFix them or pass --skip_invalid.")
     removed = {position for position, _ in invalid}
-    kept = [record for position, record in enumerate(dataset.records) if position not in removed]
+    kept = [position for position in range(len(dataset)) if position not in removed]
     if len(kept) < min_records:
         raise RecordError(
             errors[0].path,
@@ -167,7 +174,7 @@ def handle_invalid(
             f"{summary}\n--skip_invalid leaves {len(kept)} valid record(s), fewer than one optimizer step "
             f"needs ({min_records}); nothing to train on (is --image_folder right?).",
         )
-    dataset.records = kept
+    dataset.keep(kept)
     rows = [{"id": e.record_id, "file": e.path, "reason": e.reason} for e in parse_errors]
     rows += [{"id": e.record_id, "file": e.path, "reason": e.reason, "position": p} for p, e in invalid]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
