@@ -140,3 +140,95 @@ def test_store_is_reused_and_rebuilt_when_an_input_changes(world, tmp_path):
 def test_a_process_that_must_not_build_says_where_it_looked(world, tmp_path):
     with pytest.raises(DataFileError, match="record store .* not found; the main process builds it"):
         open_record_store(str(world / "data" / "dpo.json"), str(world), tmp_path / "cache", build=False)
+
+
+# ---- data tables: parquet, save_to_disk, dataset-repo directories, mixed with JSON ------------------
+def table_of(raw_records: list[dict], world, embed: bool):
+    """A `datasets.Dataset` of the records, their images embedded as an Image feature (or kept as paths)."""
+    from datasets import Dataset, Image
+
+    rows = [dict(r) for r in raw_records]
+    if embed:
+        for row in rows:
+            row["image"] = {"bytes": (world / row["image"]).read_bytes(), "path": row["image"]}
+    table = Dataset.from_list(rows)
+    return table.cast_column("image", Image()) if embed else table
+
+
+def items_of(dataset: MultimodalDataset) -> list[dict]:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def assert_items_equal(a: list[dict], b: list[dict]) -> None:
+    assert [x["id"] for x in a] == [y["id"] for y in b] and len(a) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
+            else:
+                assert x[key] == y[key]
+
+
+@pytest.mark.parametrize("layout", ["conversation", "preference"])
+def test_tables_with_embedded_images_give_the_items_of_json_and_an_image_folder(
+    world, processor, tmp_path, monkeypatch, layout
+):
+    raw = [preference(i) for i in range(6)] if layout == "preference" else [conversation(i) for i in range(6)]
+    raw = [{"id": f"t{i}", **r} for i, r in enumerate(raw)] if layout == "conversation" else raw
+    write_json(world / "same.json", raw)
+    args = (tiny_tokenizer(), processor, "qwen_1_5", tokens_per_image, 2048)
+    expected = items_of(
+        MultimodalDataset(open_record_store(str(world / "same.json"), str(world), tmp_path / "c"), *args)
+    )
+
+    embedded = table_of(raw, world, embed=True)
+    embedded.to_parquet(str(world / "same.parquet"))
+    embedded.save_to_disk(str(world / "saved"))
+    repo = tmp_path / "repo" / "org" / "llava-data"  # laid out like a hub dataset repo with configs
+    (repo / "cfg").mkdir(parents=True)
+    embedded.to_parquet(str(repo / "cfg" / "train-00000.parquet"))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: cfg\n  data_files:\n  - split: train\n    path: cfg/*.parquet\n---\n"
+    )
+    monkeypatch.chdir(tmp_path / "repo")
+    for spec in (
+        str(world / "same.parquet"),
+        str(world / "*.parquet"),
+        str(world / "saved"),
+        "org/llava-data:cfg",
+    ):
+        store = open_record_store(spec, None, tmp_path / "c")
+        assert store.kind == layout and store.built, spec
+        assert all(store.raw(i)["embedded"] for i in range(len(store)))
+        assert_items_equal(items_of(MultimodalDataset(store, *args)), expected)
+    paths = table_of(raw, world, embed=False)  # image paths in the table resolve like JSON's
+    paths.to_parquet(str(tmp_path / "paths.parquet"))
+    store = open_record_store(str(tmp_path / "paths.parquet"), str(world), tmp_path / "c")
+    assert_items_equal(items_of(MultimodalDataset(store, *args)), expected)
+
+
+def test_a_mixture_mixes_tables_and_json(world, processor, tmp_path):
+    raw = [{"id": f"t{i}", **conversation(i)} for i in range(6)]
+    table_of(raw, world, embed=True).to_parquet(str(world / "data" / "table.parquet"))
+    write_json(world / "data" / "same.json", raw)
+    mix = world / "mixed.yaml"
+    mix.write_text(
+        "datasets:\n  - json_path: data/table.parquet\n    sampling_strategy: random:50%\n"
+        "  - json_path: data/beta.jsonl\n    sampling_strategy: first:2\n"
+    )
+    same = world / "same.yaml"
+    same.write_text(mix.read_text().replace("data/table.parquet", "data/same.json"))
+    args = (tiny_tokenizer(), processor, "qwen_1_5", tokens_per_image, 2048)
+    mixed = MultimodalDataset(open_record_store(str(mix), str(world), tmp_path / "c", seed=1), *args)
+    reference = MultimodalDataset(open_record_store(str(same), str(world), tmp_path / "c", seed=1), *args)
+    assert len(mixed) == 5
+    assert_items_equal(items_of(mixed), items_of(reference))
+
+
+def test_a_table_of_neither_layout_is_refused(world, tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"id": "a", "text": "hi"}]).to_parquet(str(tmp_path / "odd.parquet"))
+    with pytest.raises(DataFileError, match="fit neither the LLaVA layout"):
+        open_record_store(str(tmp_path / "odd.parquet"), None, tmp_path / "c")

@@ -20,6 +20,8 @@ labelled `"<source>[<row>]"` in messages and read back from the table row when t
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +88,17 @@ def source_files(spec: str) -> list[str]:
     return []
 
 
+def _local_cache(spec: str) -> str:
+    """A `datasets` cache directory of its own for a local dataset-repo directory: `datasets` names the
+    cache of such a directory by its base name and config only, so two directories (or one whose files
+    changed) would share a stale cache; this one is keyed by every file's path, size and mtime."""
+    from datasets import config
+
+    stats = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files(spec)]
+    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:20]
+    return os.path.join(config.HF_DATASETS_CACHE, "pivot_local_repos", key)
+
+
 def _as_undecoded(dataset):
     """The table with its image column(s) read as {"bytes", "path"} dicts instead of decoded PIL images."""
     from datasets import Image, List, Sequence
@@ -115,6 +128,10 @@ def open_table(spec: str):
             if not files:
                 raise DataFileError(spec, "no parquet files match")
             dataset = load_dataset("parquet", data_files=files, split=split or DEFAULT_SPLIT)
+        elif os.path.isdir(path):  # a local directory laid out like a hub dataset repo
+            dataset = load_dataset(
+                os.path.abspath(path), config, split=split or DEFAULT_SPLIT, cache_dir=_local_cache(spec)
+            )
         else:
             dataset = load_dataset(path, config, split=split or DEFAULT_SPLIT)
     except DataFileError:
