@@ -190,6 +190,14 @@ class MultimodalDataset(Dataset):
             with self.skip_log.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
 
+    def skipped_ids(self) -> set[str]:
+        """Ids replaced at load time so far, by any process writing `skip_log` (e.g. during the reference
+        pass of the main process): they never reach a batch, so no per-sample cache holds them."""
+        if self.skip_log is None or not self.skip_log.is_file():
+            return set()
+        rows = (json.loads(line) for line in self.skip_log.read_text().splitlines() if line)
+        return {row["id"] for row in rows if "replaced_by" in row}
+
     def check(
         self, index: int, sizes: Callable[[str, Record, bytes | None], tuple[int, int]] | None = None
     ) -> tuple[RecordError | None, list[int], list[tuple[int, int]]]:

@@ -261,7 +261,8 @@ def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> 
                 train_args.autocast_dtype,
             )
             save_reference_logps(path, logps, reference=fingerprint)
-    return load_reference_logps(path, dataset.ids, reference=fingerprint)
+    skipped = dataset.skipped_ids()  # corrupt images replaced under --skip_invalid: never looked up
+    return load_reference_logps(path, [i for i in dataset.ids if i not in skipped], reference=fingerprint)
 
 
 def resume_checkpoint(train_args) -> str | None:
