@@ -50,6 +50,30 @@ logger = logging.getLogger(__name__)
 ImageProcessor = Callable[..., Mapping[str, Any]]
 
 
+class HeaderCache:
+    """`probe_image` once per image path (its error too, re-raised naming each record that uses it);
+    embedded images are probed every time. Holds at most `limit` paths (then starts afresh)."""
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.headers: dict[str, tuple[int, int] | RecordError] = {}
+        self.limit = limit
+
+    def __call__(self, path: str, record: Record, data: bytes | None) -> tuple[int, int]:
+        if data is not None:
+            return probe_image(path, record.id, record.source, data)
+        if path not in self.headers:
+            if len(self.headers) >= self.limit:
+                self.headers.clear()
+            try:
+                self.headers[path] = probe_image(path, record.id, record.source)
+            except RecordError as error:
+                self.headers[path] = error
+        found = self.headers[path]
+        if isinstance(found, RecordError):
+            raise type(found)(record.source, record.id, found.reason)
+        return found
+
+
 class MultimodalDataset(Dataset):
     """Conversation and/or preference records → model-ready items (see module docstring)."""
 
@@ -222,21 +246,7 @@ class MultimodalDataset(Dataset):
         """(position in `records`, error) of every record that fails the pre-training check: image files
         exist and open (header only, once per unique path), replies are non-empty, the tokenised
         sequence is within `model_max_length`. Positions identify records even when ids repeat."""
-        headers: dict[str, tuple[int, int] | RecordError] = {}
-
-        def size(path: str, record: Record, data: bytes | None) -> tuple[int, int]:
-            if data is not None:
-                return probe_image(path, record.id, record.source, data)
-            if path not in headers:
-                try:
-                    headers[path] = probe_image(path, record.id, record.source)
-                except RecordError as error:
-                    headers[path] = error
-            found = headers[path]
-            if isinstance(found, RecordError):
-                raise type(found)(record.source, record.id, found.reason)
-            return found
-
+        size = HeaderCache()
         invalid: list[tuple[int, RecordError]] = []
         for position in range(len(self.records)):
             error = self.check(position, size)[0]
@@ -245,7 +255,7 @@ class MultimodalDataset(Dataset):
         logger.info(
             "validated %d records (%d unique image files, headers only): %d with errors",
             len(self.records),
-            len(headers),
+            len(size.headers),
             len(invalid),
         )
         return invalid

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava.data.dataset import MultimodalDataset
+from llava.data.dataset import HeaderCache, MultimodalDataset
 from llava.data.errors import RecordError
 from llava.data.store import RecordStore, error_from
 
@@ -55,12 +55,15 @@ def validation_fingerprint(dataset: MultimodalDataset) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
 
 
+_HEADERS = HeaderCache()  # per validating process: each image path is probed once
+
+
 def _check_rows(batch: dict, dataset: MultimodalDataset) -> dict:
     out: dict[str, list] = {
         k: [] for k in ("error", "reason", "length", "rejected_length", "heights", "widths")
     }
     for row in batch["row"]:
-        error, lengths, sizes = dataset.check(row)
+        error, lengths, sizes = dataset.check(row, _HEADERS)
         out["error"].append(None if error is None else type(error).__name__)
         out["reason"].append(None if error is None else error.reason)
         out["length"].append(lengths[0] if lengths else -1)
@@ -76,6 +79,7 @@ def _build(dataset: MultimodalDataset, directory: Path, num_proc: int) -> None:
     tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    _HEADERS.headers.clear()  # headers are read afresh by every validation
     full = MultimodalDataset(
         dataset.records.select(np.arange(len(dataset.records.data))),
         dataset.tokenizer,
