@@ -235,7 +235,8 @@ class PivotTrainingArguments(transformers.TrainingArguments):
         if self.train_sampling_strategy != "random":  # transformers 5 spells --group_by_length this way
             logger.warning(
                 "--train_sampling_strategy %s is ignored: every run draws its samples from MatchedSampler "
-                "(llava.train.sampling), so SFT and preference runs see the same samples in the same order.",
+                "(llava.train.sampling), so SFT and preference runs see the same samples in the same order; "
+                "--group_by_length groups them by a length both runs share.",
                 self.train_sampling_strategy,
             )
         loss_options = ("dpo_alpha", "gamma", "beta", "mpo_weights", "bco_delta")
