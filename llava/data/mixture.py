@@ -328,7 +328,7 @@ class RecordStream:
             if table is None:
                 rows = ((index, raw[index], False) for index in indices)
             else:
-                table_kind(table.dataset, entry.json_path)
+                table_kind(table.dataset, entry.json_path)  # refuses a table of neither layout
                 rows = raw_rows(table.dataset, entry.json_path, indices, self.kind)
             for index, item, embedded in rows:
                 folder = None if embedded else self.image_folder
@@ -339,15 +339,11 @@ class RecordStream:
                         raise
                     self.errors.append(error)
                     continue
-                table = table if table is None else _mark_embedded(table, embedded)
+                if embedded:
+                    table.embedded = True
                 yield record, table, index
             logger.info(
                 "%s: kept %d of %d records (%s)", entry.json_path, len(indices), n_records, entry.strategy
             )
         if self.kind is None:
             raise DataFileError(self.data_path, "no records")
-
-
-def _mark_embedded(table: TableSource, embedded: bool) -> TableSource:
-    table.embedded = table.embedded or embedded
-    return table

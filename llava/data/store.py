@@ -165,9 +165,9 @@ def build_record_store(
 def error_from(name: str, path: str, record_id: str, reason: str) -> RecordError:
     """The `RecordError` subclass `name` (llava.data.errors), rebuilt from its saved parts."""
     cls = getattr(error_classes, name, RecordError)
-    return (
-        cls(path, record_id, reason) if issubclass(cls, RecordError) else RecordError(path, record_id, reason)
-    )
+    if not (isinstance(cls, type) and issubclass(cls, RecordError)):
+        cls = RecordError
+    return cls(path, record_id, reason)
 
 
 class RecordStore(Sequence[Record]):

@@ -140,13 +140,14 @@ def validate_store(dataset: MultimodalDataset, num_proc: int = 1, build: bool = 
         built = True
     table = load_from_disk(str(directory / "saved")).data
     rows = np.arange(len(store.data)) if store.rows is None else store.rows
-    errors = table.column("error").take(rows).to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(errors != None)  # noqa: E711 (element-wise over an object array)
+    errors = table.column("error").take(rows)
+    bad = np.flatnonzero(errors.is_valid().to_numpy(zero_copy_only=False))
+    names = errors.take(bad).to_pylist()
     reasons = table.column("reason").take(rows.take(bad)).to_pylist()
     invalid = []
-    for position, reason in zip(bad.tolist(), reasons):
+    for position, name, reason in zip(bad.tolist(), names, reasons):
         record = store[position]
-        invalid.append((position, error_from(errors[position], record.source, record.id, reason)))
+        invalid.append((position, error_from(name, record.source, record.id, reason)))
     lengths = table.column("length").take(rows).to_numpy()
     rejected = table.column("rejected_length").take(rows).to_numpy()
     logger.info(
