@@ -44,13 +44,14 @@ IMAGE_TOKENS = 576
 WORDS = ("the", "a", "red", "blue", "small", "large", "cube", "sphere", "left", "right", "above", "below")
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mb(field: str) -> float:
+    """A /proc/self/status memory field (VmHWM: peak RSS of this process image; VmRSS: current RSS) in MB.
+    `ru_maxrss` is not used: Linux carries it over from the parent across fork and exec."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def write_data(work: Path, n: int, pool: int, seed: int) -> Path:
@@ -108,7 +109,7 @@ def worker(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
     processor = SiglipImageProcessorPil(size={"height": 64, "width": 64})
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    baseline = current_rss_mb()
+    baseline = status_mb("VmRSS")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     dist.barrier()
     start = time.perf_counter()
@@ -133,12 +134,12 @@ def worker(args: argparse.Namespace) -> None:
             dist.barrier()
         batch = first_batch(prepared.dataset, args.batch_size, tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # rank 0's map workers
     result = {
         "mode": args.worker,
         "rank": rank,
         "seconds_to_first_batch": round(seconds, 2),
-        "peak_rss_mb": round(rss_mb(), 1),
+        "peak_rss_mb": round(status_mb("VmHWM"), 1),
         "rss_after_imports_mb": round(baseline, 1),
         "validation_workers_peak_rss_mb": round(children, 1),
         "batch": list(batch["input_ids"].shape),
@@ -225,7 +226,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="200K records, 2 ranks")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--work", default=None, help="work directory (default: a temporary one, removed)")
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="work directory, kept; its data is reused if present (default: temporary)",
+    )
     parser.add_argument("--json_out", default=None)
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
