@@ -36,7 +36,8 @@ from transformers import HfArgumentParser
 from llava.data.collator import DataCollator, PromptCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
-from llava.data.mixture import load_records_of_their_kind, refuse_duplicate_ids
+from llava.data.mixture import refuse_duplicate_ids
+from llava.data.prepared import DataSettings, default_cache_dir, prepare_dataset
 from llava.export import cpu_state_dict, resolve_source, write_projector
 from llava.file_checks import check_safetensors, read_json
 from llava.model.builder import ModelConfig, build_model, load_model
@@ -100,10 +101,26 @@ def load_projector(model, path: str) -> None:
 
 
 def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> MultimodalDataset:
-    parse_errors: list[RecordError] = []
-    kind, records = load_records_of_their_kind(
-        data_args.data_path, data_args.image_folder, seed=train_args.seed, errors=parse_errors
+    settings = DataSettings(
+        data_path=data_args.data_path,
+        image_folder=data_args.image_folder,
+        conv_template=data_args.conv_template,
+        model_max_length=data_args.model_max_length,
+        cache_dir=data_args.data_cache_dir or default_cache_dir(),
+        seed=train_args.seed,
+        num_proc=data_args.data_num_proc,
+        skip_invalid=data_args.skip_invalid,
+        skip_log=os.path.join(train_args.output_dir, SKIPPED_FILE),
+        group_by_length=data_args.group_by_length,
+        length_data_path=data_args.length_data_path,
     )
+    # The main process of the main node builds the record store and its validation; the others wait, then read.
+    with train_args.main_process_first(local=False, desc="record store and validation"):
+        prepared = prepare_dataset(
+            settings, tokenizer, image_processor, image_token_counter(config), train_args.process_index == 0
+        )
+    dataset, parse_errors, invalid = prepared.dataset, prepared.parse_errors, prepared.validation.invalid
+    kind = dataset.records.kind
     if train_args.loss_type in PREFERENCE_LOSSES and kind != "preference":
         raise ValueError(
             f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
@@ -113,15 +130,6 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
             f"--loss_type {train_args.loss_type} with {data_args.data_path}, which has {kind} records: GRPO reads "
             "prompt records with an 'answer' (e.g. the MMPR converter's mmpr_grpo.json), and only GRPO reads them."
         )
-    dataset = MultimodalDataset(
-        records,
-        tokenizer,
-        image_processor,
-        data_args.conv_template,
-        image_token_counter(config),
-        data_args.model_max_length,
-    )
-    invalid = dataset.invalid_records()
     step = (
         train_args.per_device_train_batch_size
         * train_args.gradient_accumulation_steps
@@ -165,7 +173,7 @@ def handle_invalid(
     if not skip:
         raise RecordError(errors[0].path, errors[0].record_id, f"{summary}\nFix them or pass --skip_invalid.")
     removed = {position for position, _ in invalid}
-    kept = [record for position, record in enumerate(dataset.records) if position not in removed]
+    kept = [position for position in range(len(dataset)) if position not in removed]
     if len(kept) < min_records:
         raise RecordError(
             errors[0].path,
@@ -173,7 +181,7 @@ def handle_invalid(
             f"{summary}\n--skip_invalid leaves {len(kept)} valid record(s), fewer than one optimizer step "
             f"needs ({min_records}); nothing to train on (is --image_folder right?).",
         )
-    dataset.records = kept
+    dataset.keep(kept)
     rows = [{"id": e.record_id, "file": e.path, "reason": e.reason} for e in parse_errors]
     rows += [{"id": e.record_id, "file": e.path, "reason": e.reason, "position": p} for p, e in invalid]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -260,7 +268,8 @@ def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> 
                 train_args.autocast_dtype,
             )
             save_reference_logps(path, logps, reference=fingerprint)
-    return load_reference_logps(path, dataset.ids, reference=fingerprint)
+    skipped = dataset.skipped_ids()  # corrupt images replaced under --skip_invalid: never looked up
+    return load_reference_logps(path, [i for i in dataset.ids if i not in skipped], reference=fingerprint)
 
 
 def resume_checkpoint(train_args) -> str | None:
