@@ -1,11 +1,20 @@
 """Entry point: `python -m llava.train.train [ModelArguments] [DataArguments] [PivotTrainingArguments]`.
 
-One command for every stage (flags in llava.train.args). Order of work: the preflight (llava.train.preflight:
-names, checkpoints, data files, OUTPUT_DIR writable, locked and holding no other run), build or load the model, set
-the trainable parts, load and validate every record (an invalid record stops the run before
-training with file, id and reason, unless --skip_invalid), precompute reference log-probs if the loss
-needs them, then train with `PivotTrainer`, resuming automatically from the newest complete checkpoint in
-OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to OUTPUT_DIR.
+One command for every stage (flags in llava.train.args). Order of work:
+1. the preflight (llava.train.preflight: names, checkpoints, data sources, OUTPUT_DIR writable, locked and
+   holding no other run);
+2. the data, answered before any weights are read (`data_view`: the tokenizer, image processor and config of
+   the model to train, read from a checkpoint's files or built from configs on the meta device): every record
+   loaded into the record store, its kind checked against --loss_type, every record validated (an invalid one
+   stops the run with file, id and reason unless --skip_invalid; fewer valid records than one optimizer step
+   stop it either way), duplicate ids refused. OUTPUT_DIR holds only the preflight's lock and run identity
+   until this passed, and a failure removes them (the store and its validation live in --data_cache_dir);
+3. build or load the model, set the trainable parts (LoRA adapters), precompute reference log-probs if the
+   loss needs them, then train with `PivotTrainer`, resuming automatically from the newest complete
+   checkpoint in OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to
+   OUTPUT_DIR.
+Stage 3 from a checkpoint source (not an export) exports that source's encoder into OUTPUT_DIR first
+(llava.export `resolve_source`): its image-token rule is read from the export.
 
 The model is loaded in `train_args.weights_dtype` (fp32 unless --bf16 under DeepSpeed; llava.train.args).
 Reference log-probs are scored once, by global rank 0 only (all nodes wait; OUTPUT_DIR is on a shared
@@ -40,9 +49,9 @@ from llava.data.mixture import refuse_duplicate_ids
 from llava.data.prepared import DataSettings, default_cache_dir, prepare_dataset
 from llava.export import cpu_state_dict, resolve_source, write_projector
 from llava.file_checks import check_safetensors, read_json
-from llava.model.builder import ModelConfig, build_model, load_model
+from llava.model.builder import ModelConfig, build_model, build_model_view, load_model, load_model_view
 from llava.model.image_tokens import image_token_counter
-from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3
+from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3, stage3_model_config
 from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.checkpoints import last_complete_checkpoint
@@ -60,22 +69,22 @@ logger = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_records.jsonl"
 
 
-def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str = "."):
-    if model_args.stage3_source:
-        cfg = Stage3Config(
-            source=model_args.stage3_source,
-            llm=model_args.llm,
-            projector_reuse_layers=model_args.projector_reuse_layers,
-            image_aspect_ratio=model_args.image_aspect_ratio,
-            dtype=dtype,
-            attn_implementation=model_args.attn_implementation,
-        )
-        return build_stage3_model(cfg, resolve_source(cfg.source, output_dir))
-    if model_args.model_name_or_path:
-        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)  # Stage 3 too
+def stage3_config(model_args: ModelArguments, dtype: str) -> Stage3Config:
+    return Stage3Config(
+        source=model_args.stage3_source,
+        llm=model_args.llm,
+        projector_reuse_layers=model_args.projector_reuse_layers,
+        image_aspect_ratio=model_args.image_aspect_ratio,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+
+
+def model_config(model_args: ModelArguments, dtype: str) -> ModelConfig:
+    """The builder's config of a model built from --llm and --vision_tower."""
     if not (model_args.llm and model_args.vision_tower):
         raise ValueError("Give --model_name_or_path (a checkpoint) or both --llm and --vision_tower.")
-    cfg = ModelConfig(
+    return ModelConfig(
         llm=model_args.llm,
         vision_tower=model_args.vision_tower,
         mm_vision_select_layer=model_args.mm_vision_select_layer,
@@ -85,7 +94,31 @@ def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str 
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
     )
-    model, tokenizer, image_processor = build_model(cfg)
+
+
+def data_view(model_args: ModelArguments, dtype: str, source_export: Path | None = None):
+    """(config, tokenizer, image_processor) of the model `load_or_build_model` gives, without its weights:
+    all the data checks need (the tokenizer, the image processor, the image-token rule of the config). A
+    checkpoint's are read from its files; a model to build is built from configs on the meta device
+    (llava.model.builder `build_model_view`), Stage 3's on `source_export`, its source's exported encoder
+    (llava.export `resolve_source`)."""
+    if model_args.stage3_source:
+        return build_model_view(stage3_model_config(stage3_config(model_args, dtype), source_export))
+    if model_args.model_name_or_path:
+        return load_model_view(model_args.model_name_or_path)
+    return build_model_view(model_config(model_args, dtype))
+
+
+def load_or_build_model(
+    model_args: ModelArguments, dtype: str, output_dir: str = ".", source_export: Path | None = None
+):
+    """(model, tokenizer, image_processor) of the run; Stage 3 on `source_export` when it was resolved."""
+    if model_args.stage3_source:
+        cfg = stage3_config(model_args, dtype)
+        return build_stage3_model(cfg, source_export or resolve_source(cfg.source, output_dir))
+    if model_args.model_name_or_path:
+        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)  # Stage 3 too
+    model, tokenizer, image_processor = build_model(model_config(model_args, dtype))
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     return model, tokenizer, image_processor
@@ -327,10 +360,17 @@ def train_model(
     train_args: PivotTrainingArguments,
     lora_args: LoraArguments | None = None,
 ) -> PivotTrainer:
+    # The data is answered first (kind vs --loss_type, invalid records, too few for one step), from the model's
+    # tokenizer, image processor and config alone: no weights are read before it passed.
+    source_export = None
+    if model_args.stage3_source:  # a checkpoint source is exported (into OUTPUT_DIR) first, once
+        source_export = resolve_source(model_args.stage3_source, train_args.output_dir)
+    config, tokenizer, image_processor = data_view(model_args, train_args.weights_dtype, source_export)
+    dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
     transformers.set_seed(train_args.seed)
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
         model, tokenizer, image_processor = load_or_build_model(
-            model_args, train_args.weights_dtype, train_args.output_dir
+            model_args, train_args.weights_dtype, train_args.output_dir, source_export
         )
     parts = parse_tunable_parts(train_args.mm_tunable_parts)
     counts = set_trainable_parts(model, parts)
@@ -339,7 +379,6 @@ def train_model(
     if lora_args is None or not lora_args.lora_enable:  # LoRA runs log their real set (llava.train.lora)
         logger.info("trainable parameters per part: %s", counts)
     model.config.pivot_loss_type = train_args.loss_type
-    dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
     collator = PromptCollator() if train_args.loss_type == "grpo" else DataCollator(tokenizer.pad_token_id)
     if lora_args is not None and lora_args.lora_enable:
         model = prepare_lora(
