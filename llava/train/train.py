@@ -14,7 +14,8 @@ One command for every stage (flags in llava.train.args). Order of work:
    checkpoint in OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to
    OUTPUT_DIR.
 Stage 3 from a checkpoint source (not an export) exports that source's encoder into OUTPUT_DIR first
-(llava.export `resolve_source`): its image-token rule is read from the export.
+(llava.export `resolve_source`) and reads its image-token rule from the export: the one case where weights
+are read, and a file written, before the data is answered (give an export as --stage3_source to avoid it).
 
 The model is loaded in `train_args.weights_dtype` (fp32 unless --bf16 under DeepSpeed; llava.train.args).
 Reference log-probs are scored once, by global rank 0 only (all nodes wait; OUTPUT_DIR is on a shared
@@ -365,7 +366,8 @@ def train_model(
     source_export = None
     if model_args.stage3_source:  # a checkpoint source is exported (into OUTPUT_DIR) first, once
         source_export = resolve_source(model_args.stage3_source, train_args.output_dir)
-    config, tokenizer, image_processor = data_view(model_args, train_args.weights_dtype, source_export)
+    with zero3_init_disabled():  # the meta-device view is no model for ZeRO-3 to partition
+        config, tokenizer, image_processor = data_view(model_args, train_args.weights_dtype, source_export)
     dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
     transformers.set_seed(train_args.seed)
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
