@@ -268,3 +268,70 @@ def test_duplicate_ids_in_sft_data_refuse(train_data, tmp_path):
     ):
         run_main(train_argv(train_data, out, "sft", data_path=data))
     assert not out.exists()
+
+
+def test_every_data_path_form_passes_the_data_check(tmp_path, monkeypatch):
+    """Files, save_to_disk dirs, parquet files and globs, hub ids and mixtures of them (llava.data.sources)."""
+    from datasets import Dataset
+
+    from llava.train.preflight import data_files
+
+    monkeypatch.chdir(tmp_path)
+    conversations = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    table = Dataset.from_list([{"id": "t0", "conversations": conversations}])
+    Path("p").mkdir()
+    table.to_parquet("p/one.parquet")
+    table.to_parquet("p/two.parquet")
+    table.save_to_disk("saved")
+    Path("a.json").write_text(json.dumps([{"id": "j0", "conversations": conversations}]))
+    saved = sorted(str(p) for p in Path("saved").iterdir())
+    assert data_files("saved") == (saved, [])
+    assert data_files("saved:train") == (saved, [])
+    assert data_files("p/one.parquet") == (["p/one.parquet"], [])
+    assert data_files("p/*.parquet") == (["p/one.parquet", "p/two.parquet"], [])
+    assert data_files("lmms-lab/LLaVA-OneVision-Data:CLEVR-Math(MathV360K)") == (
+        [],
+        ["lmms-lab/LLaVA-OneVision-Data:CLEVR-Math(MathV360K)"],
+    )
+    Path("mix.yaml").write_text(
+        "datasets:\n  - json_path: a.json\n  - json_path: saved\n  - json_path: p/*.parquet\n"
+        "  - json_path: org/name:cfg:validation\n    sampling_strategy: first:1\n"
+    )
+    files, hub_ids = data_files("mix.yaml")
+    expected = ["mix.yaml", "a.json", *saved, "p/one.parquet", "p/two.parquet"]
+    assert [os.path.relpath(f) for f in files] == expected and hub_ids == ["org/name:cfg:validation"]
+
+
+@pytest.mark.parametrize(
+    ("data_path", "message"),
+    [
+        ("missing.json", "missing.json: --data_path: no such file"),
+        ("missing.parquet", "missing.parquet: --data_path: no such file, directory or parquet files"),
+        ("data/*.parquet", "data/\\*.parquet: --data_path: no such file, directory or parquet files"),
+        ("/no/such/saved", "/no/such/saved: --data_path: no such file"),
+        ("gone.yaml", "gone.yaml: --data_path: no such file"),
+        ("mix.yaml", "mix.yaml: --data_path: datasets\\[1\\].json_path 'gone.parquet' not found"),
+    ],
+)
+def test_a_missing_data_source_is_refused_naming_it(tmp_path, monkeypatch, data_path, message):
+    from llava.train.preflight import data_files
+
+    monkeypatch.chdir(tmp_path)
+    Path("a.json").write_text("[]")
+    Path("mix.yaml").write_text("datasets:\n  - json_path: a.json\n  - json_path: gone.parquet\n")
+    with pytest.raises(ValueError, match=message):
+        data_files(data_path)
+
+
+def test_a_run_trains_on_a_saved_dataset_and_its_identity_follows_the_table(train_data, tmp_path):
+    from datasets import Dataset
+
+    saved = tmp_path / "saved"
+    Dataset.from_list(train_data.records("sft")[:8]).save_to_disk(str(saved))
+    out = tmp_path / "out"
+    run_main(train_argv(train_data, out, "sft", max_steps=1, data_path=saved))
+    identity = json.loads((out / IDENTITY_FILE).read_text())["settings"]
+    assert {Path(f).parent for f in identity["data.files"]} == {saved}
+    Dataset.from_list(train_data.records("sft")[8:16]).save_to_disk(str(saved))
+    with pytest.raises(ValueError, match="data.files: "):
+        run_main(train_argv(train_data, out, "sft", max_steps=1, data_path=saved))

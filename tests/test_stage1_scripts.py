@@ -103,7 +103,7 @@ def test_projector_alone_reloads_into_a_fresh_build(runs):
 
 def test_stage1b_starts_from_1a_and_trains_every_part(runs):
     log = runs["log_1b"]
-    assert "validated 8 records" in log  # the YAML mixture's first:8
+    assert "): 8 records, 0 with errors" in log  # the mixture's first:8 (llava.data.validation)
     group_lrs = {
         line.split()[0]: line.split("lr=")[1].split()[0] for line in log.splitlines() if " lr=" in line
     }

@@ -5,10 +5,13 @@ check millions of images before training); `load_image` decodes to RGB. Both rai
 file, the data file and the record: `MissingImageError` when the file does not exist,
 `UnreadableImageError` when PIL cannot open it (or, for `load_image`, cannot decode it: a file whose
 header is fine but whose pixel data is corrupt passes `probe_image` and fails in `load_image`).
+An image embedded in a data table (`data` given: its encoded bytes) is read from memory instead;
+`path` is then only its label in error messages.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 from PIL import Image, UnidentifiedImageError
@@ -23,22 +26,28 @@ def _require_file(path: str, record_id: str, source: str) -> None:
         raise MissingImageError(source, record_id, f"image file not found: {path}")
 
 
-def probe_image(path: str, record_id: str, source: str) -> tuple[int, int]:
-    """(height, width) of `path` from its header; pixels are not decoded."""
-    _require_file(path, record_id, source)
+def _open(path: str, data: bytes | None) -> Image.Image:
+    return Image.open(path if data is None else io.BytesIO(data))
+
+
+def probe_image(path: str, record_id: str, source: str, data: bytes | None = None) -> tuple[int, int]:
+    """(height, width) of `path` (or of the encoded `data`) from its header; pixels are not decoded."""
+    if data is None:
+        _require_file(path, record_id, source)
     try:
-        with Image.open(path) as image:
+        with _open(path, data) as image:
             width, height = image.size
     except PIL_ERRORS as error:
         raise UnreadableImageError(source, record_id, f"cannot open image {path}: {error}") from error
     return height, width
 
 
-def load_image(path: str, record_id: str, source: str) -> Image.Image:
-    """Open `path` fully and convert it to RGB (see the module docstring for the errors)."""
-    _require_file(path, record_id, source)
+def load_image(path: str, record_id: str, source: str, data: bytes | None = None) -> Image.Image:
+    """Open `path` (or the encoded `data`) fully and convert it to RGB (see the module docstring)."""
+    if data is None:
+        _require_file(path, record_id, source)
     try:
-        with Image.open(path) as image:
+        with _open(path, data) as image:
             return image.convert("RGB")
     except PIL_ERRORS as error:
         raise UnreadableImageError(source, record_id, f"cannot decode image {path}: {error}") from error

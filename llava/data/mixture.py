@@ -28,18 +28,31 @@ import math
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from llava.data.errors import DataFileError, RecordError
 from llava.data.records import RECORD_PARSERS, Record, parse_record
+from llava.data.sources import (
+    is_record_file,
+    is_table_spec,
+    looks_like_hub_id,
+    open_table,
+    raw_rows,
+    source_exists,
+    source_files,
+    table_kind,
+)
 
 logger = logging.getLogger(__name__)
 
 SAMPLING_STRATEGIES = ("all", "first", "end", "random")
-RECORD_FILE_SUFFIXES = (".json", ".jsonl")
+RECORD_FILE_SUFFIXES = (".json", ".jsonl")  # besides data tables (llava.data.sources)
 MIXTURE_FILE_SUFFIXES = (".yaml", ".yml")
 
 
@@ -140,15 +153,17 @@ def read_raw_records(path: str) -> list[Any]:
 
 def resolve_json_path(json_path: str, mixture_path: str, position: int) -> str:
     """`json_path` of entry `position` of `mixture_path`: absolute as given, else relative to the mixture's
-    directory if that file exists, else relative to the working directory if that exists."""
+    directory if that exists, else relative to the working directory if that exists; a data table
+    (llava.data.sources: saved dataset dir, parquet file or glob, hub id) the same way, a hub id as given."""
     if os.path.isabs(json_path):
         return json_path
     beside_mixture = os.path.join(os.path.dirname(os.path.abspath(mixture_path)), json_path)
-    if os.path.isfile(beside_mixture):
-        return beside_mixture
     from_cwd = os.path.abspath(json_path)
-    if os.path.isfile(from_cwd):
-        return from_cwd
+    for candidate in (beside_mixture, from_cwd):
+        if os.path.isfile(candidate) or (not is_record_file(candidate) and source_exists(candidate)):
+            return candidate
+    if looks_like_hub_id(json_path):
+        return json_path
     raise DataFileError(
         mixture_path,
         f"datasets[{position}].json_path {json_path!r} not found: tried {beside_mixture} (relative to the "
@@ -178,25 +193,6 @@ def read_mixture(path: str) -> list[MixtureEntry]:
         strategy = SamplingStrategy.parse(item.get("sampling_strategy", "all"), path)
         entries.append(MixtureEntry(json_path=json_path, strategy=strategy))
     return entries
-
-
-def _parse_indices(
-    raw: list[Any],
-    indices: list[int],
-    source: str,
-    kind: str,
-    image_folder: str | None,
-    errors: list[RecordError] | None,
-) -> list[Record]:
-    records = []
-    for index in indices:
-        try:
-            records.append(parse_record(raw[index], source, index, kind, image_folder))
-        except RecordError as error:
-            if errors is None:
-                raise
-            errors.append(error)
-    return records
 
 
 def raw_record_kind(record: Any) -> str:
@@ -254,50 +250,156 @@ def load_records_of_their_kind(
 ) -> tuple[str, list[Record]]:
     """`load_records` that, without a `kind`, takes it from the data: each file's majority kind
     (`file_record_kind`, decided while the file is read, so nothing is read twice); the files of a
-    mixture must agree. Returns (kind, records)."""
-    data_path = str(data_path)
-    if os.path.splitext(data_path)[1].lower() in MIXTURE_FILE_SUFFIXES:
-        entries = read_mixture(data_path)
-    else:
-        entries = [MixtureEntry(json_path=data_path, strategy=SamplingStrategy("all"))]
+    mixture must agree. Returns (kind, records). Tables with embedded images need the record store
+    (llava.data.store), which reads their images back from the table."""
     records: list[Record] = []
-    decided_by = None  # without a given kind: the file whose records decided it
-    for position, entry in enumerate(entries):
-        raw = read_raw_records(entry.json_path)
-        if raw and (kind is None or decided_by is not None):
-            file_kind = file_record_kind(raw, entry.json_path)
-            if kind is None:
-                kind, decided_by = file_kind, entry.json_path
-            elif file_kind != kind:
-                raise DataFileError(
-                    entry.json_path,
-                    f"holds {file_kind} records, but {decided_by} holds {kind} records; a mixture holds one kind",
-                )
-        if kind is None:
-            continue  # an empty file before any record: nothing to parse
-        indices = entry.strategy.select(len(raw), random.Random(f"{seed}:{position}"), entry.json_path)
-        records += _parse_indices(raw, indices, entry.json_path, kind, image_folder, errors)
-        logger.info("%s: kept %d of %d records (%s)", entry.json_path, len(indices), len(raw), entry.strategy)
-    if kind is None:
-        raise DataFileError(data_path, "no records")
-    return kind, records  # repeated ids are refused on the records a run trains on (refuse_duplicate_ids)
+    stream = RecordStream(data_path, image_folder, seed, errors, kind)
+    for record, table, _ in stream:
+        if table is not None and record.images and table.embedded:
+            raise DataFileError(
+                table.spec, "has embedded images: open it with llava.data.store.open_record_store"
+            )
+        records.append(record)
+    return stream.kind, records  # repeated ids are refused on the records a run trains on
 
 
-def refuse_duplicate_ids(records: list[Record], data_path: str) -> None:
+def refuse_duplicate_ids(records: Sequence[Record], data_path: str) -> None:
     """Sample ids of the records a run trains on must be unique (checked after invalid records are removed):
     sample_order.jsonl, the matched sampler and the reference cache identify samples by id. The error names
-    each repeated id (up to 5) and the files it occurs in."""
-    files: dict[str, list[str]] = {}
-    for record in records:
-        files.setdefault(record.id, []).append(record.source)
-    repeated = {record_id: sources for record_id, sources in files.items() if len(sources) > 1}
-    if repeated:
-        shown = "; ".join(
-            f"{record_id!r} x{len(sources)} in {', '.join(sorted(set(sources)))}"
-            for record_id, sources in list(repeated.items())[:5]
-        )
-        raise DataFileError(
-            data_path,
-            f"{len(repeated)} sample id(s) occur more than once ({shown}{'; ...' if len(repeated) > 5 else ''}); "
-            "sample_order.jsonl and the reference cache identify samples by id: give each record its own id.",
-        )
+    each repeated id (up to 5) and the files it occurs in. A record store's ids and sources are compared as
+    Arrow columns (`RecordStore.arrow_column`), without a Python object per record."""
+    if hasattr(records, "arrow_column"):
+        ids, sources = records.arrow_column("id"), records.arrow_column("source")
+    else:
+        ids = pa.array([record.id for record in records], pa.string())
+        sources = pa.array([record.source for record in records], pa.string())
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if not len(repeated):
+        return
+    shown_ids = repeated.field("values")[:5]
+    where = pc.is_in(ids, value_set=shown_ids)
+    files: dict[str, set[str]] = {}
+    for record_id, source in zip(ids.filter(where).to_pylist(), sources.filter(where).to_pylist()):
+        files.setdefault(record_id, set()).add(source)
+    shown = "; ".join(
+        f"{record_id!r} x{n} in {', '.join(sorted(files[record_id]))}"
+        for record_id, n in zip(shown_ids.to_pylist(), repeated.field("counts")[:5].to_pylist())
+    )
+    raise DataFileError(
+        data_path,
+        f"{len(repeated)} sample id(s) occur more than once ({shown}{'; ...' if len(repeated) > 5 else ''}); "
+        "sample_order.jsonl and the reference cache identify samples by id: give each record its own id.",
+    )
+
+
+@dataclass
+class TableSource:
+    """A data table a mixture entry read (llava.data.sources); `embedded`: some row held image bytes."""
+
+    spec: str
+    dataset: Any
+    embedded: bool = False
+
+
+def mixture_entries(data_path: str) -> list[MixtureEntry]:
+    """The entries of `data_path`: a YAML mixture's, or the one file/table taken whole."""
+    data_path = str(data_path)
+    if os.path.splitext(data_path)[1].lower() in MIXTURE_FILE_SUFFIXES:
+        return read_mixture(data_path)
+    return [MixtureEntry(json_path=data_path, strategy=SamplingStrategy("all"))]
+
+
+def entry_files(spec: str) -> list[str]:
+    """The local files an entry reads: the .json/.jsonl file, or every file of a data table (saved dataset
+    directory, parquet file or glob, local dataset-repo directory); [] for a hub id. A spec naming nothing
+    on disk that cannot be a hub id (a record file, a parquet file or glob, an absolute path) is refused,
+    naming it."""
+    if not is_table_spec(spec):
+        if not os.path.isfile(spec):
+            raise DataFileError(spec, "no such file")
+        return [spec]
+    files = source_files(spec)
+    if files or (looks_like_hub_id(spec) and not source_exists(spec)):
+        return files
+    raise DataFileError(spec, "no such file, directory or parquet files")
+
+
+def data_inputs(data_path: str) -> list[tuple[MixtureEntry, list[str]]]:
+    """Every entry of `data_path` (`mixture_entries`) with the local files it reads (`entry_files`): what
+    the record store's fingerprint (llava.data.store) and the run identity (llava.train.preflight) cover."""
+    return [(entry, entry_files(entry.json_path)) for entry in mixture_entries(data_path)]
+
+
+def _open_entry(path: str) -> tuple[list[Any] | None, TableSource | None, int]:
+    """(raw records, None, n) for a .json/.jsonl file; (None, table, n) for a data table."""
+    if not is_table_spec(path):
+        raw = read_raw_records(path)
+        return raw, None, len(raw)
+    table = TableSource(path, open_table(path))
+    return None, table, len(table.dataset)
+
+
+class RecordStream:
+    """Every record of a file, table or mixture after sampling, parsed, as (record, table, row): `table`
+    is the `TableSource` it came from (None for a .json/.jsonl file), `row` its index there. Invalid
+    records raise, or go to `errors` when given (see `load_records`). `kind` is the given kind, or the
+    one the data decided (`file_record_kind`) once iterated."""
+
+    def __init__(
+        self,
+        data_path: str,
+        image_folder: str | None,
+        seed: int = 0,
+        errors: list[RecordError] | None = None,
+        kind: str | None = None,
+    ) -> None:
+        if kind is not None and kind not in RECORD_PARSERS:
+            raise ValueError(f"unknown record kind {kind!r}; choose one of {sorted(RECORD_PARSERS)}")
+        self.data_path, self.image_folder, self.seed = str(data_path), image_folder, seed
+        self.errors, self.kind = errors, kind
+
+    def _decide_kind(self, raw: list[Any] | None, table: TableSource | None, path: str, decided_by):
+        file_kind = file_record_kind(raw, path) if table is None else table_kind(table.dataset, path)
+        if self.kind is None:
+            self.kind = file_kind
+            return path
+        if file_kind != self.kind:
+            raise DataFileError(
+                path,
+                f"holds {file_kind} records, but {decided_by} holds {self.kind} records; a mixture holds one kind",
+            )
+        return decided_by
+
+    def __iter__(self) -> Iterator[tuple[Record, TableSource | None, int]]:
+        decided_by = None  # without a given kind: the file whose records decided it
+        for position, entry in enumerate(mixture_entries(self.data_path)):
+            raw, table, n_records = _open_entry(entry.json_path)
+            if n_records and (self.kind is None or decided_by is not None):
+                decided_by = self._decide_kind(raw, table, entry.json_path, decided_by)
+            if self.kind is None:
+                continue  # an empty file before any record: nothing to parse
+            rng = random.Random(f"{self.seed}:{position}")
+            indices = entry.strategy.select(n_records, rng, entry.json_path)
+            if table is None:
+                rows = ((index, raw[index], False) for index in indices)
+            else:
+                table_kind(table.dataset, entry.json_path)  # refuses a table of neither layout
+                rows = raw_rows(table.dataset, entry.json_path, indices, self.kind)
+            for index, item, embedded in rows:
+                folder = None if embedded else self.image_folder
+                try:
+                    record = parse_record(item, entry.json_path, index, self.kind, folder)
+                except RecordError as error:
+                    if self.errors is None:
+                        raise
+                    self.errors.append(error)
+                    continue
+                if embedded:
+                    table.embedded = True
+                yield record, table, index
+            logger.info(
+                "%s: kept %d of %d records (%s)", entry.json_path, len(indices), n_records, entry.strategy
+            )
+        if self.kind is None:
+            raise DataFileError(self.data_path, "no records")

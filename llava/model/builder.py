@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from llava.model.chat_template import set_training_chat_template
 from llava.model.encoders import (
@@ -227,7 +233,8 @@ def build_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerB
             llm_path, dtype=dtype, attn_implementation=attn_implementation
         )
     if image_token_id >= llm.get_input_embeddings().num_embeddings:
-        llm.resize_token_embeddings(len(tokenizer))
+        # On the meta device (`build_model_view`) there are no embeddings to average over.
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=llm.device.type != "meta")
     vision = build_vision(cfg, dtype)
     anyres = cfg.image_aspect_ratio != "square"
     common = {
@@ -296,6 +303,28 @@ def _record_knobs(config, cfg: ModelConfig, vision: VisionSetup, llm_path: str) 
     config.pivot_image_size = vision.image_size
     config.pivot_grid = vision.grid
     config.pivot_num_prefix_tokens = vision.num_prefix_tokens
+
+
+def build_model_view(cfg: ModelConfig) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, object]:
+    """What `build_model(cfg)` gives besides weights: (config, tokenizer, image_processor), from configs
+    alone. The model is built from its configs on the meta device, so no weight is read or allocated, and
+    the config (image-token count, anyres grid) is the builder's own."""
+    with torch.device("meta"):
+        model, tokenizer, image_processor = build_model(replace(cfg, from_config_only=True))
+    return model.config, tokenizer, image_processor
+
+
+def load_model_view(path: str | Path) -> tuple[PretrainedConfig, PreTrainedTokenizerBase, object]:
+    """What `load_model(path)` gives besides weights: (config, tokenizer, image_processor) read from the
+    checkpoint's files (a LoRA checkpoint's from its base, as `load_model` merges it into that base)."""
+    if (Path(path) / "adapter_config.json").is_file():
+        from llava.model.adapters import adapter_base
+
+        path = adapter_base(path)
+    path = str(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    tokenizer = set_training_chat_template(AutoTokenizer.from_pretrained(path))
+    return config, tokenizer, transformers.AutoImageProcessor.from_pretrained(path)
 
 
 def load_model(

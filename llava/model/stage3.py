@@ -153,6 +153,20 @@ def _select_feature(export_dir: Path, meta: dict, image_aspect_ratio: str) -> st
     raise ValueError(f"{export_dir}: num_prefix_tokens={wanted} but the tower has {prefix} prefix token(s).")
 
 
+def stage3_model_config(cfg: Stage3Config, export_dir: str | Path) -> ModelConfig:
+    """The builder's config of a Stage-3 model: `cfg.llm` on the exported encoder of `export_dir`."""
+    export_dir = Path(export_dir)
+    return ModelConfig(
+        llm=cfg.llm,
+        vision_tower=str(export_dir / "vision_encoder"),
+        mm_vision_select_layer=-1,  # the export is already truncated to the layer the projector reads
+        mm_vision_select_feature=_select_feature(export_dir, read_export(export_dir), cfg.image_aspect_ratio),
+        image_aspect_ratio=cfg.image_aspect_ratio,
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
 def build_stage3_model(
     cfg: Stage3Config, export_dir: str | Path
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, object]:
@@ -163,17 +177,7 @@ def build_stage3_model(
     """
     export_dir = Path(export_dir)
     meta = read_export(export_dir)
-    model, tokenizer, image_processor = build_model(
-        ModelConfig(
-            llm=cfg.llm,
-            vision_tower=str(export_dir / "vision_encoder"),
-            mm_vision_select_layer=-1,  # the export is already truncated to the layer the projector reads
-            mm_vision_select_feature=_select_feature(export_dir, meta, cfg.image_aspect_ratio),
-            image_aspect_ratio=cfg.image_aspect_ratio,
-            dtype=cfg.dtype,
-            attn_implementation=cfg.attn_implementation,
-        )
-    )
+    model, tokenizer, image_processor = build_model(stage3_model_config(cfg, export_dir))
     projector_config, stage2_state = load_projector(export_dir / "projector")
     vision_hidden = int(model.config.vision_config.hidden_size)
     if projector_config["in_features"] != vision_hidden:

@@ -129,6 +129,29 @@ class DataArguments:
         default=False,
         metadata={"help": "Skip invalid records (ids and reasons written to skipped_records.jsonl)."},
     )
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record store + validation cache (llava.data.store), on a filesystem every node shares; "
+            "default: <HF_DATASETS_CACHE>/pivot_records (set it to a shared path for multi-node runs)."
+        },
+    )
+    data_num_proc: int = field(
+        default=1, metadata={"help": "Processes validating the records, once, on the main process."}
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Sort samples by length within seeded mega-batches (one optimizer step each; less padding)."
+        },
+    )
+    length_data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --group_by_length: the DPO data whose prompt+longer-reply lengths order this run "
+            "(give it to the SFT run of a comparison so both see the same order)."
+        },
+    )
 
 
 @dataclass
@@ -294,7 +317,8 @@ class PivotTrainingArguments(transformers.TrainingArguments):
         if self.train_sampling_strategy != "random":  # transformers 5 spells --group_by_length this way
             logger.warning(
                 "--train_sampling_strategy %s is ignored: every run draws its samples from MatchedSampler "
-                "(llava.train.sampling), so SFT and preference runs see the same samples in the same order.",
+                "(llava.train.sampling), so SFT and preference runs see the same samples in the same order; "
+                "--group_by_length groups them by a length both runs share.",
                 self.train_sampling_strategy,
             )
         loss_options = ("dpo_alpha", "gamma", "beta", "mpo_weights", "bco_delta")

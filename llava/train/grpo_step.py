@@ -337,6 +337,7 @@ class GRPOStep:
                 trainer._metrics[name].append(float(value))
             trainer._throughput["samples"] += len(mb.sample_ids)
             trainer._throughput["tokens"] += int(mb.attention_mask.sum())
+            trainer._throughput["computed"] += mb.attention_mask.numel()
         return loss
 
     # ---- logging and checkpoints --------------------------------------------------------------

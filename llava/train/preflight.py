@@ -9,7 +9,9 @@ In order, each refusing with one line that names the flag, the path and what is 
    LLM-only folder or an exported vision_encoder/ would otherwise be wrapped into a default-size random
    LLaVA), `--stage3_source` a checkpoint or an export, `--pretrain_mm_mlp_adapter` and an explicit
    `--resume_from_checkpoint` exist;
-3. data: `--data_path` (and `--image_folder`) exist; the data files are fingerprinted (sha256);
+3. data: `--data_path` (and `--image_folder`) exist: a .json/.jsonl file, a data table (saved dataset
+   directory, parquet files or glob, hub id `org/name:CONFIG[:SPLIT]`) or a YAML mixture of them; the local
+   files are fingerprinted (sha256 of their bytes), hub ids by name, config and split;
 4. output: no FILE named checkpoint-N in OUTPUT_DIR (it would fail the save of step N, after training up
    to it), OUTPUT_DIR or the folder it will be made in is writable, and a finished or partly trained
    OUTPUT_DIR was started with this run's settings (llava.train.run_dir, run identity).
@@ -33,7 +35,7 @@ from pathlib import Path
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.data.errors import DataFileError
-from llava.data.mixture import read_mixture
+from llava.data.mixture import MIXTURE_FILE_SUFFIXES, data_inputs
 from llava.model.model_dirs import is_hub_id, model_dir_kind, require_llava_checkpoint
 from llava.model.presets import ENSEMBLE_SEPARATOR, LLM_PRESETS, LOCAL_VISION_PRESETS, VISION_PRESETS
 from llava.train import run_dir
@@ -117,13 +119,25 @@ def check_model_args(model_args) -> None:
         raise FileNotFoundError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter}: not found.")
 
 
-def data_files(data_path: str) -> list[str]:
-    """The files a run reads its records from: the file itself, or a YAML mixture and its json files."""
-    if not os.path.isfile(data_path):
-        raise DataFileError(data_path, "--data_path: no such file.")
-    if data_path.endswith((".yaml", ".yml")):
-        return [data_path, *(entry.json_path for entry in read_mixture(data_path))]
-    return [data_path]
+def data_files(data_path: str) -> tuple[list[str], list[str]]:
+    """(local files, hub ids) a run reads its records from: a .json/.jsonl file, a data table's files (saved
+    dataset directory, parquet files or glob), or a YAML mixture and every file of its entries; the same
+    enumeration the record store is keyed by (llava.data.mixture `data_inputs`). A missing source is refused,
+    naming it."""
+    mixture = os.path.splitext(data_path)[1].lower() in MIXTURE_FILE_SUFFIXES
+    if mixture and not os.path.isfile(data_path):
+        raise DataFileError(data_path, "--data_path: no such file")
+    files = [data_path] if mixture else []
+    try:
+        inputs = data_inputs(data_path)
+    except DataFileError as error:  # the flag named, as every preflight refusal does
+        raise DataFileError(error.path, f"--data_path: {error.reason}") from error
+    hub_ids = []
+    for entry, found in inputs:
+        files += found
+        if not found:
+            hub_ids.append(entry.json_path)
+    return files, hub_ids
 
 
 def file_sha256(path: str) -> str:
@@ -152,7 +166,10 @@ def run_identity(model_args, data_args, train_args, lora_args=None) -> dict:
             _source(part.strip()) for part in model_args.vision_tower.split(ENSEMBLE_SEPARATOR)
         )
     identity = {f"model.{key}": value for key, value in model.items()}
-    identity["data.files"] = {os.path.abspath(f): file_sha256(f) for f in data_files(data_args.data_path)}
+    files, hub_ids = data_files(data_args.data_path)
+    identity["data.files"] = {os.path.abspath(f): file_sha256(f) for f in files}
+    if hub_ids:  # by name, config and split, as the record store keys them
+        identity["data.hub"] = hub_ids
     identity["data.image_folder"] = _source(data_args.image_folder)
     for key in ("conv_template", "model_max_length", "skip_invalid"):
         identity[f"data.{key}"] = getattr(data_args, key)

@@ -1,11 +1,21 @@
 """Entry point: `python -m llava.train.train [ModelArguments] [DataArguments] [PivotTrainingArguments]`.
 
-One command for every stage (flags in llava.train.args). Order of work: the preflight (llava.train.preflight:
-names, checkpoints, data files, OUTPUT_DIR writable, locked and holding no other run), build or load the model, set
-the trainable parts, load and validate every record (an invalid record stops the run before
-training with file, id and reason, unless --skip_invalid), precompute reference log-probs if the loss
-needs them, then train with `PivotTrainer`, resuming automatically from the newest complete checkpoint in
-OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to OUTPUT_DIR.
+One command for every stage (flags in llava.train.args). Order of work:
+1. the preflight (llava.train.preflight: names, checkpoints, data sources, OUTPUT_DIR writable, locked and
+   holding no other run);
+2. the data, answered before any weights are read (`data_view`: the tokenizer, image processor and config of
+   the model to train, read from a checkpoint's files or built from configs on the meta device): every record
+   loaded into the record store, its kind checked against --loss_type, every record validated (an invalid one
+   stops the run with file, id and reason unless --skip_invalid; fewer valid records than one optimizer step
+   stop it either way), duplicate ids refused. OUTPUT_DIR holds only the preflight's lock and run identity
+   until this passed, and a failure removes them (the store and its validation live in --data_cache_dir);
+3. build or load the model, set the trainable parts (LoRA adapters), precompute reference log-probs if the
+   loss needs them, then train with `PivotTrainer`, resuming automatically from the newest complete
+   checkpoint in OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to
+   OUTPUT_DIR.
+Stage 3 from a checkpoint source (not an export) exports that source's encoder into OUTPUT_DIR first
+(llava.export `resolve_source`) and reads its image-token rule from the export: the one case where weights
+are read, and a file written, before the data is answered (give an export as --stage3_source to avoid it).
 
 The model is loaded in `train_args.weights_dtype` (fp32 unless --bf16 under DeepSpeed; llava.train.args).
 Reference log-probs are scored once, by global rank 0 only (all nodes wait; OUTPUT_DIR is on a shared
@@ -36,12 +46,13 @@ from transformers import HfArgumentParser
 from llava.data.collator import DataCollator, PromptCollator
 from llava.data.dataset import MultimodalDataset
 from llava.data.errors import RecordError
-from llava.data.mixture import load_records_of_their_kind, refuse_duplicate_ids
+from llava.data.mixture import refuse_duplicate_ids
+from llava.data.prepared import DataSettings, default_cache_dir, prepare_dataset
 from llava.export import cpu_state_dict, resolve_source, write_projector
 from llava.file_checks import check_safetensors, read_json
-from llava.model.builder import ModelConfig, build_model, load_model
+from llava.model.builder import ModelConfig, build_model, build_model_view, load_model, load_model_view
 from llava.model.image_tokens import image_token_counter
-from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3
+from llava.model.stage3 import Stage3Config, build_stage3_model, freeze_stage3, is_stage3, stage3_model_config
 from llava.train.args import DataArguments, ModelArguments, PivotTrainingArguments
 from llava.train.callbacks import EncoderExportCallback
 from llava.train.checkpoints import last_complete_checkpoint
@@ -59,22 +70,22 @@ logger = logging.getLogger(__name__)
 SKIPPED_FILE = "skipped_records.jsonl"
 
 
-def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str = "."):
-    if model_args.stage3_source:
-        cfg = Stage3Config(
-            source=model_args.stage3_source,
-            llm=model_args.llm,
-            projector_reuse_layers=model_args.projector_reuse_layers,
-            image_aspect_ratio=model_args.image_aspect_ratio,
-            dtype=dtype,
-            attn_implementation=model_args.attn_implementation,
-        )
-        return build_stage3_model(cfg, resolve_source(cfg.source, output_dir))
-    if model_args.model_name_or_path:
-        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)  # Stage 3 too
+def stage3_config(model_args: ModelArguments, dtype: str) -> Stage3Config:
+    return Stage3Config(
+        source=model_args.stage3_source,
+        llm=model_args.llm,
+        projector_reuse_layers=model_args.projector_reuse_layers,
+        image_aspect_ratio=model_args.image_aspect_ratio,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+
+
+def model_config(model_args: ModelArguments, dtype: str) -> ModelConfig:
+    """The builder's config of a model built from --llm and --vision_tower."""
     if not (model_args.llm and model_args.vision_tower):
         raise ValueError("Give --model_name_or_path (a checkpoint) or both --llm and --vision_tower.")
-    cfg = ModelConfig(
+    return ModelConfig(
         llm=model_args.llm,
         vision_tower=model_args.vision_tower,
         mm_vision_select_layer=model_args.mm_vision_select_layer,
@@ -84,7 +95,31 @@ def load_or_build_model(model_args: ModelArguments, dtype: str, output_dir: str 
         dtype=dtype,
         attn_implementation=model_args.attn_implementation,
     )
-    model, tokenizer, image_processor = build_model(cfg)
+
+
+def data_view(model_args: ModelArguments, dtype: str, source_export: Path | None = None):
+    """(config, tokenizer, image_processor) of the model `load_or_build_model` gives, without its weights:
+    all the data checks need (the tokenizer, the image processor, the image-token rule of the config). A
+    checkpoint's are read from its files; a model to build is built from configs on the meta device
+    (llava.model.builder `build_model_view`), Stage 3's on `source_export`, its source's exported encoder
+    (llava.export `resolve_source`)."""
+    if model_args.stage3_source:
+        return build_model_view(stage3_model_config(stage3_config(model_args, dtype), source_export))
+    if model_args.model_name_or_path:
+        return load_model_view(model_args.model_name_or_path)
+    return build_model_view(model_config(model_args, dtype))
+
+
+def load_or_build_model(
+    model_args: ModelArguments, dtype: str, output_dir: str = ".", source_export: Path | None = None
+):
+    """(model, tokenizer, image_processor) of the run; Stage 3 on `source_export` when it was resolved."""
+    if model_args.stage3_source:
+        cfg = stage3_config(model_args, dtype)
+        return build_stage3_model(cfg, source_export or resolve_source(cfg.source, output_dir))
+    if model_args.model_name_or_path:
+        return load_model(model_args.model_name_or_path, dtype, model_args.attn_implementation)  # Stage 3 too
+    model, tokenizer, image_processor = build_model(model_config(model_args, dtype))
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     return model, tokenizer, image_processor
@@ -100,10 +135,26 @@ def load_projector(model, path: str) -> None:
 
 
 def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> MultimodalDataset:
-    parse_errors: list[RecordError] = []
-    kind, records = load_records_of_their_kind(
-        data_args.data_path, data_args.image_folder, seed=train_args.seed, errors=parse_errors
+    settings = DataSettings(
+        data_path=data_args.data_path,
+        image_folder=data_args.image_folder,
+        conv_template=data_args.conv_template,
+        model_max_length=data_args.model_max_length,
+        cache_dir=data_args.data_cache_dir or default_cache_dir(),
+        seed=train_args.seed,
+        num_proc=data_args.data_num_proc,
+        skip_invalid=data_args.skip_invalid,
+        skip_log=os.path.join(train_args.output_dir, SKIPPED_FILE),
+        group_by_length=data_args.group_by_length,
+        length_data_path=data_args.length_data_path,
     )
+    # The main process of the main node builds the record store and its validation; the others wait, then read.
+    with train_args.main_process_first(local=False, desc="record store and validation"):
+        prepared = prepare_dataset(
+            settings, tokenizer, image_processor, image_token_counter(config), train_args.process_index == 0
+        )
+    dataset, parse_errors, invalid = prepared.dataset, prepared.parse_errors, prepared.validation.invalid
+    kind = dataset.records.kind
     if train_args.loss_type in PREFERENCE_LOSSES and kind != "preference":
         raise ValueError(
             f"--loss_type {train_args.loss_type} needs preference records; {data_args.data_path} has {kind}s."
@@ -113,15 +164,6 @@ def build_dataset(data_args, train_args, tokenizer, image_processor, config) -> 
             f"--loss_type {train_args.loss_type} with {data_args.data_path}, which has {kind} records: GRPO reads "
             "prompt records with an 'answer' (e.g. the MMPR converter's mmpr_grpo.json), and only GRPO reads them."
         )
-    dataset = MultimodalDataset(
-        records,
-        tokenizer,
-        image_processor,
-        data_args.conv_template,
-        image_token_counter(config),
-        data_args.model_max_length,
-    )
-    invalid = dataset.invalid_records()
     step = (
         train_args.per_device_train_batch_size
         * train_args.gradient_accumulation_steps
@@ -165,7 +207,7 @@ def handle_invalid(
     if not skip:
         raise RecordError(errors[0].path, errors[0].record_id, f"{summary}\nFix them or pass --skip_invalid.")
     removed = {position for position, _ in invalid}
-    kept = [record for position, record in enumerate(dataset.records) if position not in removed]
+    kept = [position for position in range(len(dataset)) if position not in removed]
     if len(kept) < min_records:
         raise RecordError(
             errors[0].path,
@@ -173,7 +215,7 @@ def handle_invalid(
             f"{summary}\n--skip_invalid leaves {len(kept)} valid record(s), fewer than one optimizer step "
             f"needs ({min_records}); nothing to train on (is --image_folder right?).",
         )
-    dataset.records = kept
+    dataset.keep(kept)
     rows = [{"id": e.record_id, "file": e.path, "reason": e.reason} for e in parse_errors]
     rows += [{"id": e.record_id, "file": e.path, "reason": e.reason, "position": p} for p, e in invalid]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -260,7 +302,8 @@ def reference_logps(model, dataset, collator, train_args, fingerprint: dict) -> 
                 train_args.autocast_dtype,
             )
             save_reference_logps(path, logps, reference=fingerprint)
-    return load_reference_logps(path, dataset.ids, reference=fingerprint)
+    skipped = dataset.skipped_ids()  # corrupt images replaced under --skip_invalid: never looked up
+    return load_reference_logps(path, [i for i in dataset.ids if i not in skipped], reference=fingerprint)
 
 
 def resume_checkpoint(train_args) -> str | None:
@@ -318,10 +361,18 @@ def train_model(
     train_args: PivotTrainingArguments,
     lora_args: LoraArguments | None = None,
 ) -> PivotTrainer:
+    # The data is answered first (kind vs --loss_type, invalid records, too few for one step), from the model's
+    # tokenizer, image processor and config alone: no weights are read before it passed.
+    source_export = None
+    if model_args.stage3_source:  # a checkpoint source is exported (into OUTPUT_DIR) first, once
+        source_export = resolve_source(model_args.stage3_source, train_args.output_dir)
+    with zero3_init_disabled():  # the meta-device view is no model for ZeRO-3 to partition
+        config, tokenizer, image_processor = data_view(model_args, train_args.weights_dtype, source_export)
+    dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
     transformers.set_seed(train_args.seed)
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
         model, tokenizer, image_processor = load_or_build_model(
-            model_args, train_args.weights_dtype, train_args.output_dir
+            model_args, train_args.weights_dtype, train_args.output_dir, source_export
         )
     parts = parse_tunable_parts(train_args.mm_tunable_parts)
     counts = set_trainable_parts(model, parts)
@@ -330,7 +381,6 @@ def train_model(
     if lora_args is None or not lora_args.lora_enable:  # LoRA runs log their real set (llava.train.lora)
         logger.info("trainable parameters per part: %s", counts)
     model.config.pivot_loss_type = train_args.loss_type
-    dataset = build_dataset(data_args, train_args, tokenizer, image_processor, model.config)
     collator = PromptCollator() if train_args.loss_type == "grpo" else DataCollator(tokenizer.pad_token_id)
     if lora_args is not None and lora_args.lora_enable:
         model = prepare_lora(

@@ -19,7 +19,8 @@ Normalisation across gradient accumulation and processes is done here (`loss_is_
   give the exact mean over the step's pairs).
 
 Logged every `logging_steps`: loss parts, rewards/{chosen,rejected,margins,accuracies},
-logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides of a pair).
+logps/{chosen,rejected}, samples/s and tokens/s (non-padding tokens, both sides of a pair), and
+padding_fraction (padded tokens / computed tokens, both sides of a pair; `--group_by_length` lowers it).
 
 GRPO (`--loss_type grpo`): `get_batch_samples` hands each optimizer step's micro-batches of prompts to
 llava.train.grpo_step, which samples, rewards and scores the completions before the step's forward and
@@ -100,7 +101,7 @@ class PivotTrainer(Trainer):
         self.matched_sampler: MatchedSampler | None = None
         self._step_ids: list[str] = []
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
+        self._throughput = {"samples": 0, "tokens": 0, "computed": 0, "since": time.perf_counter()}
         self.param_group_specs = []
         self.add_callback(_StepEndCallback(self))
         self.grpo = (
@@ -119,7 +120,10 @@ class PivotTrainer(Trainer):
                 "samples by id (llava.train.sampling)."
             )
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        self.matched_sampler = MatchedSampler(ids, seed)
+        lengths = getattr(dataset, "group_lengths", None)  # --group_by_length (llava.data.prepared)
+        step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        mega_batch = None if lengths is None else step * self.args.world_size
+        self.matched_sampler = MatchedSampler(ids, seed, lengths, mega_batch)
         return self.grpo.wrap_sampler(self.matched_sampler) if self.grpo else self.matched_sampler
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -200,9 +204,11 @@ class PivotTrainer(Trainer):
             return (loss, {"loss": loss}) if return_outputs else loss
         loss_type = self.args.loss_type
         tokens = int(inputs["attention_mask"].sum())
+        computed = inputs["attention_mask"].numel()  # with padding: --group_by_length lowers the difference
         with self.accelerator.autocast():  # a no-op unless --bf16/--fp16 without DeepSpeed
             if loss_type in PREFERENCE_LOSSES:
                 tokens += int(inputs["rejected_attention_mask"].sum())
+                computed += inputs["rejected_attention_mask"].numel()
                 stats = self._pair_stats(model, inputs, ids)
             else:
                 policy, counts = chosen_logps(model, inputs)
@@ -224,7 +230,7 @@ class PivotTrainer(Trainer):
                     nll_sum, tokens_sum, num_items_in_batch
                 )
         if model.training:
-            self._record(stats, parts, len(ids), tokens)
+            self._record(stats, parts, len(ids), tokens, computed)
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _running_bco_delta(self, stats: PairStats, training: bool) -> float:
@@ -261,7 +267,9 @@ class PivotTrainer(Trainer):
         return PairStats(chosen, rejected, ref_chosen, ref_rejected, chosen_n, rejected_n)
 
     # ---- logging ---------------------------------------------------------------------------
-    def _record(self, stats: PairStats, parts: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+    def _record(
+        self, stats: PairStats, parts: dict[str, torch.Tensor], samples: int, tokens: int, computed: int
+    ) -> None:
         for name, value in parts.items():
             self._metrics[f"loss/{name}"].append(value.detach().mean().item())
         self._metrics["logps/chosen"].append(stats.policy_chosen.detach().mean().item())
@@ -274,24 +282,26 @@ class PivotTrainer(Trainer):
             self._metrics["rewards/accuracies"].append((chosen > rejected).float().mean().item())
         self._throughput["samples"] += samples
         self._throughput["tokens"] += tokens
+        self._throughput["computed"] += computed
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:
             keys = sorted(self._metrics)
             local = [sum(self._metrics[k]) / len(self._metrics[k]) for k in keys]
-            local += [float(self._throughput["samples"]), float(self._throughput["tokens"])]
+            local += [float(self._throughput[k]) for k in ("samples", "tokens", "computed")]
             totals = torch.tensor(local, device=self.args.device)
             if self.args.world_size > 1:  # every process calls log() at the same step
                 totals = self.accelerator.reduce(totals, reduction="sum")
                 totals[: len(keys)] /= self.args.world_size
             elapsed = max(time.perf_counter() - self._throughput["since"], 1e-9)
             logs.update({key: value for key, value in zip(keys, totals[: len(keys)].tolist())})
-            logs["samples/s"] = totals[-2].item() / elapsed
-            logs["tokens/s"] = totals[-1].item() / elapsed
+            logs["samples/s"] = totals[-3].item() / elapsed
+            logs["tokens/s"] = totals[-2].item() / elapsed
+            logs["padding_fraction"] = 1.0 - totals[-2].item() / max(totals[-1].item(), 1.0)
             self._metrics.clear()
             if self.grpo is not None:
                 self.grpo.write_table(self.state.global_step)
-            self._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
+            self._throughput = {"samples": 0, "tokens": 0, "computed": 0, "since": time.perf_counter()}
         super().log(logs, start_time)
 
     def flush_step_ids(self) -> list[str]:
@@ -314,7 +324,7 @@ class _StepEndCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.trainer.sample_log.truncate_after(state.global_step)
         self.trainer._step_ids = []
-        self.trainer._throughput = {"samples": 0, "tokens": 0, "since": time.perf_counter()}
+        self.trainer._throughput = {"samples": 0, "tokens": 0, "computed": 0, "since": time.perf_counter()}
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is e + (batches done)/(batches per epoch): its floor is the epoch being started, also
