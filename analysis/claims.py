@@ -17,10 +17,16 @@ results rows into, per measure,
   paper's appendix B, Table C: GRPO beats SFT on the benchmarks, ImageNet and segmentation), with a
   verdict of its own by the same rule;
 - a verdict for the claim's primary measure, computed from the paired DPO − SFT differences with a
-  paired t-test (two-sided, 95 %): *resolved* when ``|mean| > t(0.975, n−1)·std/√n`` (with std 0, any
-  non-zero mean), then "reproduces" (DPO > SFT, the paper's direction) or "does not reproduce"
-  (SFT > DPO); otherwise "cannot tell" (fewer than 2 pairs, or within seed noise). With 2 seeds the
-  bar is 12.7 standard errors: only a large and consistent difference is resolved.
+  paired t-test (two-sided, 95 %) whose noise cannot be zero by construction: the noise σ is the
+  paired std, floored (for pairs by training seed) by the seed-to-seed std of the SFT and DPO runs
+  themselves and by the standard error of their repeats (e.g. probe seeds), so two seeds that happen
+  to give equal differences, or runs whose spread the pairing hides, do not read as a resolved
+  effect. *Resolved* when ``|mean| > t(0.975, n−1)·σ/√n``, then "reproduces" (DPO > SFT, the paper's
+  direction) or "does not reproduce" (SFT > DPO); otherwise "cannot tell": fewer than 2 pairs, no
+  noise estimate at all (σ = 0: every run and repeat gave one number), or within the noise. With 2
+  seeds the bar is 12.7 σ/√2 ≈ 9 σ: only a large and consistent difference is resolved. Grad-CAM pairs
+  by sample (one deterministic run per loss from the same checkpoint): its σ is the paired std over
+  samples, with σ = 0 still "cannot tell".
   Every measure here is higher-is-better for the paper's claim.
 """
 
@@ -48,8 +54,9 @@ METHOD_NOTE = (
     "Each measure is averaged over its repeats (e.g. probe seeds) per training seed, then shown as mean ± std "
     "over training seeds (Grad-CAM: over samples). DPO − SFT is paired by seed (sample); the controls beside it "
     "show what a broken or absent effect looks like. Verdict: a two-sided paired t-test of DPO − SFT (and of "
-    f"GRPO − SFT, appendix B) at {CONFIDENCE:.0%}: *reproduces* / *does not reproduce* when |mean| > t·std/√n, "
-    "else *cannot tell*."
+    f"GRPO − SFT, appendix B) at {CONFIDENCE:.0%}: *reproduces* / *does not reproduce* when |mean| > t·σ/√n, "
+    "else *cannot tell*; σ is the paired std floored by the two runs' own seed-to-seed std and their repeats' "
+    "standard error (so it is never zero by construction; σ = 0, i.e. no noise estimate at all, is *cannot tell*)."
 )
 CONDITION_ORDER: tuple[str, ...] = ("original", "stage1", "sft", "dpo", "grpo", "dpo_frozen", "dpo_flipped")
 
@@ -178,6 +185,7 @@ class MeasureResult:
 
     measure: Measure
     by_condition: dict[str, dict[Any, float]]
+    repeats: dict[str, dict[Any, list[float]]] = field(default_factory=dict)
     conditions: dict[str, Stat] = field(default_factory=dict)
     differences: dict[str, Stat] = field(default_factory=dict)
 
@@ -201,8 +209,8 @@ def paired(values_a: Mapping[Any, float], values_b: Mapping[Any, float]) -> Stat
     return Stat([values_a[key] - values_b[key] for key in shared])
 
 
-def measure_values(measure: Measure, rows: Sequence[dict[str, Any]]) -> dict[str, dict[Any, float]]:
-    """condition → pair key → mean of the selected rows' values (repeats such as probe seeds averaged)."""
+def measure_repeats(measure: Measure, rows: Sequence[dict[str, Any]]) -> dict[str, dict[Any, list[float]]]:
+    """condition → pair key → the selected rows' values (the repeats, e.g. probe seeds, of one run)."""
     chosen = [r for r in rows if measure.select(r) and r.get(measure.condition_key) is not None]
     if measure.last_step_only and chosen:
         last = max(float(r.get("step") or 0) for r in chosen)
@@ -218,13 +226,14 @@ def measure_values(measure: Measure, rows: Sequence[dict[str, Any]]) -> dict[str
             else str(row[measure.condition_key])
         )
         collected.setdefault(condition, {}).setdefault(row.get(measure.pair_key), []).append(value)
-    return {c: {k: float(np.mean(v)) for k, v in keys.items()} for c, keys in collected.items()}
+    return collected
 
 
 def evaluate(measure: Measure, rows: Sequence[dict[str, Any]]) -> MeasureResult:
     """Stats per condition and the effect and control differences of one measure."""
-    by_condition = measure_values(measure, rows)
-    result = MeasureResult(measure, by_condition)
+    repeats = measure_repeats(measure, rows)
+    by_condition = {c: {k: float(np.mean(v)) for k, v in keys.items()} for c, keys in repeats.items()}
+    result = MeasureResult(measure, by_condition, repeats)
     order = [c for c in CONDITION_ORDER if c in by_condition] + sorted(
         set(by_condition) - set(CONDITION_ORDER)
     )
@@ -236,17 +245,42 @@ def evaluate(measure: Measure, rows: Sequence[dict[str, Any]]) -> MeasureResult:
     return result
 
 
-def verdict(effect: Stat, digits: int = 2, label: str = _label(*EFFECT)) -> str:
-    """The claim's verdict from the paired differences ``label`` (DPO − SFT; module docstring)."""
+def noise_floor(result: MeasureResult, conditions: tuple[str, str] = EFFECT) -> float:
+    """The least noise a paired difference a − b of seed-paired runs (`conditions`) is credited with.
+
+    The larger of (a) the seed-to-seed std of the a and of the b runs (a paired difference is taken
+    to be no less noisy than the runs it subtracts: pairing that hides the spread is not trusted with
+    two or three seeds) and (b) the standard error of one difference from the runs' repeats,
+    √(mean SE²(a) + mean SE²(b)) with SE = std/√r over r repeats. Zero for sample-paired measures
+    (Grad-CAM: there the samples' paired spread is the noise) and when nothing varies.
+    """
+    if result.measure.pair_key != "train_seed":
+        return 0.0
+    spreads = [result.conditions[c].std or 0.0 for c in conditions if c in result.conditions]
+    squared_errors = [
+        float(np.mean([np.var(v, ddof=1) / len(v) if len(v) > 1 else 0.0 for v in keys.values()]))
+        for c in conditions
+        if (keys := result.repeats.get(c))
+    ]
+    return max([*spreads, math.sqrt(sum(squared_errors))])
+
+
+def verdict(effect: Stat, floor: float = 0.0, digits: int = 2, label: str = _label(*EFFECT)) -> str:
+    """The claim's verdict from the paired differences ``label`` (DPO − SFT) and the noise floor
+    (module docstring)."""
     if effect.n < MIN_PAIRS:
         return f"cannot tell: {effect.n} paired seed(s), need {MIN_PAIRS}"
-    bar = t_critical(effect.n) * (effect.std or 0.0) / math.sqrt(effect.n)
     shown = f"{label} = {effect.text(digits)}"
+    sigma = max(effect.std or 0.0, floor)
+    if sigma == 0:
+        return f"cannot tell: {shown} has no noise estimate (every run and repeat gave one value)"
+    bar = t_critical(effect.n) * sigma / math.sqrt(effect.n)
+    noise = f"σ = {sigma:.{digits}f}, abs(mean) > {bar:.{digits}f}"
     if not abs(effect.mean) > bar:
-        return f"cannot tell: {shown} is within seed noise (needs abs(mean) > {bar:.{digits}f})"
+        return f"cannot tell: {shown} is within seed noise ({noise} needed)"
     if effect.mean > 0:
-        return f"reproduces: {shown} (abs(mean) > {bar:.{digits}f})"
-    return f"does not reproduce: {shown}, SFT higher (abs(mean) > {bar:.{digits}f})"
+        return f"reproduces: {shown} ({noise})"
+    return f"does not reproduce: {shown}, SFT higher ({noise})"
 
 
 def t_critical(n: int) -> float:
@@ -319,12 +353,18 @@ def claims_table(results: Sequence[MeasureResult]) -> str:
         )
         effect = primary.effect
         body.append(
-            [claim, primary.measure.name, effect.text(digits), controls or "–", verdict(effect, digits)]
+            [
+                claim,
+                primary.measure.name,
+                effect.text(digits),
+                controls or "–",
+                verdict(effect, noise_floor(primary), digits),
+            ]
         )
         for a, b in measured:
             label = _label(a, b)
             other = primary.differences.get(label, Stat([]))
             row = [f"{claim} ({a.upper()})", primary.measure.name, other.text(digits)]
-            body.append([*row, "–", verdict(other, digits, label)])
+            body.append([*row, "–", verdict(other, noise_floor(primary, (a, b)), digits, label)])
     headers = ["claim (paper: DPO > SFT; appendix B: GRPO > SFT)", "measure", "DPO (GRPO) − SFT (paired)"]
     return _md([*headers, "controls", "verdict"], body)

@@ -16,14 +16,16 @@ SEED=${SEED:-0}
 PYTHON=${PYTHON:-python}
 
 # Worlds and step counts per scale. S0_STEPS: Stage-0 steps of S0_BATCH images; EPOCHS_S1A/EPOCHS_S1B: epochs
-# over the NUM_TRAIN captions / instruct conversations at GLOBAL_BATCH.
+# over the NUM_TRAIN captions / instruct conversations at GLOBAL_BATCH. SEG_SEEDS head seeds per probe, trained on
+# a seeded subset of SEG_IMAGES training images (the seg probe's per-patch head is the demo's costliest analysis:
+# ~10 CPU s per 1,000 images and head seed; docs/DECISIONS.md, "Demo cost").
 case "$DEMO_SCALE" in
   smoke)  NUM_TRAIN=48;  NUM_VAL=24;  IMAGE_SIZE=32; MMPR_SIZE=32;  GLOBAL_BATCH=8;  EPOCHS_S1A=1; EPOCHS_S1B=1; EPOCHS_S2=1
-          S0_STEPS=20;  SEG_SEEDS=2; ALIGN_SAMPLES=24;  ALIGN_SEEDS="0 1";   GRADCAM_SAMPLES=2; GRADCAM_STEPS="0 2" ;;
+          S0_STEPS=20;  SEG_SEEDS=2; SEG_IMAGES=48;   ALIGN_SAMPLES=24;  ALIGN_SEEDS="0 1";   GRADCAM_SAMPLES=2; GRADCAM_STEPS="0 2" ;;
   small)  NUM_TRAIN=2000; NUM_VAL=300; IMAGE_SIZE=64; MMPR_SIZE=256; GLOBAL_BATCH=16; EPOCHS_S1A=0.5; EPOCHS_S1B=2; EPOCHS_S2=3
-          S0_STEPS=300; SEG_SEEDS=6; ALIGN_SAMPLES=96;  ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=6; GRADCAM_STEPS="0 5 20" ;;
+          S0_STEPS=300; SEG_SEEDS=3; SEG_IMAGES=1000; ALIGN_SAMPLES=96;  ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=6; GRADCAM_STEPS="0 5 20" ;;
   medium) NUM_TRAIN=4000; NUM_VAL=500; IMAGE_SIZE=64; MMPR_SIZE=1024; GLOBAL_BATCH=32; EPOCHS_S1A=1; EPOCHS_S1B=3; EPOCHS_S2=3
-          S0_STEPS=1200; SEG_SEEDS=6; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
+          S0_STEPS=1200; SEG_SEEDS=6; SEG_IMAGES=4000; ALIGN_SAMPLES=256; ALIGN_SEEDS="0 1 2"; GRADCAM_SAMPLES=16; GRADCAM_STEPS="0 5 20" ;;
   *) echo "DEMO_SCALE=$DEMO_SCALE: choose smoke, small or medium" >&2; exit 2 ;;
 esac
 # Stage-2 training seeds (>= 2: the report pairs DPO with SFT seed by seed) and the controls
@@ -209,8 +211,9 @@ for S in $SEEDS; do
                           --seed "$S" --out "$OUT/linear_probe.json" --cache_dir "$DEMO_DIR/cache"
   pstage "seg_probe_s$S"  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
                           --data "$WORLD/ade" --num_classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --out "$OUT/seg_probe.json" \
+                          --first_seed $((S * SEG_SEEDS)) --max_train_images "$SEG_IMAGES" \
                           --png_dir "$OUT/seg_examples" --cache_dir "$DEMO_DIR/cache" \
-                          --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the demo runs ~50
+                          --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the small demo runs 160
   # shellcheck disable=SC2086
   pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
                           --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \

@@ -74,13 +74,44 @@ def test_repeats_average_before_seeds_and_differences_pair_by_seed():
         ([5.0, 6.0, 7.0], "reproduces"),  # mean 6 > t(0.975, 2) * 1 / sqrt(3) = 2.48
         ([5.0, -1.0], "cannot tell"),
         ([0.0, 0.0], "cannot tell"),  # a measure stuck at one value
-        ([3.0, 3.0], "reproduces"),  # no spread at all: any non-zero mean is resolved
+        ([3.0, 3.0], "cannot tell"),  # no spread at all: no noise estimate, not a resolved effect
         ([9.0], "cannot tell"),  # one seed
     ],
 )
 def test_verdict_from_paired_differences(diffs, expected):
     assert claims.verdict(claims.Stat(diffs)).startswith(expected)
     assert claims.t_critical(2) == pytest.approx(12.706, abs=1e-3)
+
+
+def test_zero_spread_pairs_are_floored_by_the_runs_own_seed_and_repeat_noise():
+    # Paired differences 3 and 3 (spread 0), but the runs themselves move by 2 points between seeds.
+    rows = _probe_rows({("sft", 0): [0.50], ("sft", 1): [0.52], ("dpo", 0): [0.53], ("dpo", 1): [0.55]})
+    result = claims.evaluate(_measure(ENCODER), rows)
+    assert result.effect.values == pytest.approx([3.0, 3.0]) and result.effect.std == pytest.approx(0.0)
+    floor = claims.noise_floor(result)
+    assert floor == pytest.approx(math.sqrt(2.0))  # std of (50, 52) and of (53, 55)
+    text = claims.verdict(result.effect, floor)
+    assert text.startswith("cannot tell") and "σ = 1.41" in text, text  # bar 12.71 * 1.41 / √2 = 12.7
+    # Equal runs in both seeds but noisy probe repeats: the repeats' standard error is the floor.
+    rows = _probe_rows(
+        {
+            ("sft", 0): [0.40, 0.60],
+            ("sft", 1): [0.40, 0.60],
+            ("dpo", 0): [0.43, 0.63],
+            ("dpo", 1): [0.43, 0.63],
+        }
+    )
+    result = claims.evaluate(_measure(ENCODER), rows)
+    assert claims.noise_floor(result) == pytest.approx(math.sqrt(2 * 200 / 2))  # SE² = var/r = 200/2 per run
+    assert claims.verdict(result.effect, claims.noise_floor(result)).startswith("cannot tell")
+    # Nothing varies anywhere: no noise estimate, whatever the mean.
+    rows = _probe_rows({("sft", 0): [0.5], ("sft", 1): [0.5], ("dpo", 0): [0.9], ("dpo", 1): [0.9]})
+    result = claims.evaluate(_measure(ENCODER), rows)
+    assert claims.verdict(result.effect, claims.noise_floor(result)).startswith("cannot tell: DPO − SFT = 40")
+    # A large effect against a small floor still resolves.
+    rows = _probe_rows({("sft", 0): [0.50], ("sft", 1): [0.51], ("dpo", 0): [0.80], ("dpo", 1): [0.81]})
+    result = claims.evaluate(_measure(ENCODER), rows)
+    assert claims.verdict(result.effect, claims.noise_floor(result)).startswith("reproduces")
 
 
 def test_gradcam_pairs_by_sample_at_the_last_step_and_alignment_by_vision():
@@ -113,7 +144,7 @@ def _write(path: Path, doc: dict) -> Path:
 
 def test_report_states_each_claim_and_labels_files_with_their_training_seed(tmp_path):
     results = tmp_path / "results"
-    for seed, (sft, dpo) in enumerate([(0.40, 0.50), (0.45, 0.56)]):
+    for seed, (sft, dpo) in enumerate([(0.40, 0.50), (0.41, 0.52)]):
         rows = [
             {"run": run, "seed": 0, "top1": value, **PROBE} for run, value in (("sft", sft), ("dpo", dpo))
         ]
@@ -137,7 +168,11 @@ def test_report_states_each_claim_and_labels_files_with_their_training_seed(tmp_
     lines = {
         line.split("|")[1].strip(): line for line in claims_section.splitlines() if line.startswith("| ")
     }
-    assert "reproduces: DPO − SFT = 10.50 ± 0.71 (n=2) (abs(mean) > 6.35)" in lines["encoder probes"]
+    # σ = max(paired std 0.71, std of SFT 0.71, of DPO 1.41) = 1.41; bar 12.71 * 1.41 / √2 = 12.71
+    assert (
+        "cannot tell: DPO − SFT = 10.50 ± 0.71 (n=2) is within seed noise (σ = 1.41, abs(mean) > 12.71"
+        in (lines["encoder probes"])
+    )
     assert "cannot tell: DPO − SFT = 0.00 ± 0.00 (n=2) is within seed noise" in lines["vision-centric VQA"]
     assert "cannot tell: not measured in this run" in lines["segmentation"]
     assert "**DPO − SFT** (paired) | 10.50 ± 0.71 (n=2)" in text  # the linear-probe seed table
@@ -148,21 +183,26 @@ def test_grpo_gets_its_own_paired_difference_and_verdict_beside_dpo():
     rows = _probe_rows(
         {
             ("sft", 0): [0.40],
-            ("sft", 1): [0.60],
+            ("sft", 1): [0.41],
             ("dpo", 0): [0.41],
-            ("dpo", 1): [0.65],  # DPO − SFT = 1, 5: within seed noise
-            ("grpo", 0): [0.50],
-            ("grpo", 1): [0.71],  # GRPO − SFT = 10, 11: resolved (10.5 > 12.71 * 0.71 / sqrt(2) = 6.35)
+            ("dpo", 1): [0.46],  # DPO − SFT = 1, 5: within seed noise (σ floored by DPO's spread 3.54)
+            ("grpo", 0): [0.60],
+            ("grpo", 1): [
+                0.62
+            ],  # GRPO − SFT = 20, 21: σ = GRPO's spread 1.41 -> 20.5 > 12.71 * 1.41 / sqrt(2)
         }
     )
     result = claims.evaluate(_measure(ENCODER), rows)
     assert list(result.conditions) == ["sft", "dpo", "grpo"]
-    assert result.differences["GRPO − SFT"].values == pytest.approx([10.0, 11.0])
+    assert result.differences["GRPO − SFT"].values == pytest.approx([20.0, 21.0])
     table = claims.claims_table([result])
     lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert "cannot tell: DPO − SFT = 3.00 ± 2.83 (n=2) is within seed noise" in lines["encoder probes"]
-    assert "reproduces: GRPO − SFT = 10.50 ± 0.71 (n=2) (abs(mean) > 6.35)" in lines["encoder probes (GRPO)"]
-    assert "**GRPO − SFT** (paired) | 10.50 ± 0.71 (n=2)" in claims.seed_table([result])
+    assert (
+        "reproduces: GRPO − SFT = 20.50 ± 0.71 (n=2) (σ = 1.41, abs(mean) > 12.71)"
+        in lines["encoder probes (GRPO)"]
+    )
+    assert "**GRPO − SFT** (paired) | 20.50 ± 0.71 (n=2)" in claims.seed_table([result])
     without = claims.evaluate(_measure(ENCODER), [row for row in rows if row["run"] != "grpo"])
     assert "GRPO" not in claims.claims_table([without]).split("\n", 2)[2]  # no GRPO row (the header names it)
     # GRPO measured elsewhere but not here (e.g. Grad-CAM maps without gradient): a row that cannot tell.

@@ -29,6 +29,7 @@ from analysis.seg_probe import (
     main,
     patchseg_lr,
     train_seg_head,
+    training_subset,
 )
 
 NUM_CLASSES = 6
@@ -221,6 +222,17 @@ def test_head_reaches_high_recall_on_features_that_encode_the_class(ade_root: Pa
     assert evaluate_seg_head(head, shuffled, val_labels, config)["recall"] < metrics["recall"]
 
 
+def test_training_subset_is_seeded_sorted_and_the_same_for_every_call(ade_root: Path) -> None:
+    images, annotations = ade20k_split(ade_root, "training")
+    subset = training_subset(images, annotations, 10)
+    assert subset == training_subset(images, annotations, 10)
+    assert len(subset[0]) == 10 and subset[0] == sorted(subset[0])
+    assert [p.stem for p in subset[0]] == [p.stem for p in subset[1]]  # images stay paired with masks
+    assert training_subset(images, annotations, len(images) + 5) == (images, annotations)
+    with pytest.raises(ValueError, match="max_train_images"):
+        SegProbeConfig(max_train_images=0)
+
+
 def _tiny_siglip(path: Path) -> Path:
     import torch
     import transformers
@@ -247,14 +259,15 @@ def test_seg_probe_cli_end_to_end(ade_root: Path, tmp_path: Path) -> None:
         "--encoders", str(encoder), "--data", str(ade_root), "--out", str(out), "--png-dir", str(pngs),
         "--table", str(tmp_path / "seg.md"), "--seeds", "2", "--epochs", "2", "--batch-size", "8",
         "--num-classes", str(NUM_CLASSES), "--n-qualitative", "3", "--cache-dir", str(tmp_path / "cache"),
-        "--device", "cpu",
+        "--device", "cpu", "--first_seed", "3", "--max_train_images", "30",
     ]  # fmt: skip
     main(argv)
     results = json.loads(out.read_text())
     assert results["kind"] == "seg_probe"
-    assert [row["seed"] for row in results["rows"]] == [0, 1]
+    assert [row["seed"] for row in results["rows"]] == [3, 4]
     for row in results["rows"]:
         assert row["run"] == "tiny-siglip" and row["n_eval"] == 12 and row["grid"] == [4, 4]
+        assert row["n_train"] == 30
         assert all(0.0 <= row[m] <= 1.0 for m in ("recall", "micro_accuracy", "precision", "f1"))
     summary = results["summary"]["tiny-siglip"]
     recalls = [row["recall"] for row in results["rows"]]
