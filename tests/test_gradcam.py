@@ -21,6 +21,7 @@ from scipy.stats import entropy as scipy_entropy
 
 from analysis import gradcam as gc
 from analysis import gradcam_metrics as gm
+from analysis import gradcam_outputs
 from llava.data.records import PreferenceRecord
 from llava.train.losses import LossConfig
 
@@ -278,7 +279,7 @@ def test_single_visible_patch_takes_the_mass(square, tmp_path):
         _, grad = gc.vision_token_gradient(model, batch, loss_type, LossConfig(), ref)
         grid = gm.token_grid(grad, model.config, (32, 32))
         assert grid[1, 2] / grid.sum() > 0.9
-        coverage = gc.region_coverage(record, Image.open(record.images[0]), grid.shape, (0, 0, 32, 32), None)
+        coverage = gradcam_outputs.region_coverage(record, Image.open(record.images[0]), grid.shape, (0, 0, 32, 32), None)
         assert gm.mass_in_region(grid, coverage) > 0.9
         assert gm.normalised_entropy(grid) < 0.1
 
@@ -408,7 +409,7 @@ def test_single_step_results_load_in_the_report(square_checkpoint, world, tmp_pa
         ids=[first],
     )
     assert sorted(p.name for p in (out / "maps").iterdir()) == sorted(
-        f"{gc.safe_name(first)}_{loss}.npy" for loss in ("sft", "dpo")
+        f"{gradcam_outputs.safe_name(first)}_{loss}.npy" for loss in ("sft", "dpo")
     )
     grouped, _ = collect_results(out)
     samples = load_gradcam_samples(grouped["gradcam"])
