@@ -279,7 +279,9 @@ def test_single_visible_patch_takes_the_mass(square, tmp_path):
         _, grad = gc.vision_token_gradient(model, batch, loss_type, LossConfig(), ref)
         grid = gm.token_grid(grad, model.config, (32, 32))
         assert grid[1, 2] / grid.sum() > 0.9
-        coverage = gradcam_outputs.region_coverage(record, Image.open(record.images[0]), grid.shape, (0, 0, 32, 32), None)
+        coverage = gradcam_outputs.region_coverage(
+            record, Image.open(record.images[0]), grid.shape, (0, 0, 32, 32), None
+        )
         assert gm.mass_in_region(grid, coverage) > 0.9
         assert gm.normalised_entropy(grid) < 0.1
 
