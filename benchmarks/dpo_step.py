@@ -377,18 +377,7 @@ def run_config(name: str, assets: dict[str, str], s: BenchSettings) -> dict[str,
         timer = _StepTimer(inputs.cuda)
         train = _train_trl if name == "c" else functools.partial(_train_pivot, name)
         with tempfile.TemporaryDirectory(prefix=f"dpo_step_{name}_") as out:
-            result.update(
-                train(
-                    inputs.model,
-                    inputs.tokenizer,
-                    inputs.image_processor,
-                    inputs.records,
-                    s,
-                    inputs.device,
-                    timer,
-                    out,
-                )
-            )
+            result.update(train(*inputs.parts(), s, inputs.device, timer, out))
         steps = timer.step_times()
         if len(steps) != s.total_steps:
             raise RuntimeError(f"config {name}: timed {len(steps)} steps, expected {s.total_steps}")

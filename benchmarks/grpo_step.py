@@ -265,18 +265,7 @@ def run_config(name: str, assets: dict[str, str], s: GRPOBenchSettings) -> dict[
         timer = _Timer(inputs.cuda)
         train = _train_trl if name == "c" else functools.partial(_train_pivot, name)
         with tempfile.TemporaryDirectory(prefix=f"grpo_step_{name}_") as out:
-            result.update(
-                train(
-                    inputs.model,
-                    inputs.tokenizer,
-                    inputs.image_processor,
-                    inputs.records,
-                    s,
-                    inputs.device,
-                    timer,
-                    out,
-                )
-            )
+            result.update(train(*inputs.parts(), s, inputs.device, timer, out))
         steps = timer.step_times()
         if len(steps) != s.total_steps:
             raise RuntimeError(f"config {name}: timed {len(steps)} steps, expected {s.total_steps}")

@@ -56,6 +56,10 @@ class ConfigInputs:
     base_bytes: int
     result: dict[str, Any]
 
+    def parts(self) -> tuple[Any, Any, Any, list]:
+        """(model, tokenizer, image_processor, records): the leading arguments of a benchmark's train function."""
+        return self.model, self.tokenizer, self.image_processor, self.records
+
 
 def load_config_inputs(
     name: str, checkpoint: str, data: tuple[str, str, str], seed: int, threads: int, device_name: str
