@@ -6,6 +6,7 @@ left as it was. The data view (llava.train.train `data_view`) gives what the bui
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import train_fixtures
@@ -14,7 +15,8 @@ from train_fixtures import run_main, train_argv
 
 import llava.train.train as train_module
 from llava.data.errors import RecordError
-from llava.model.builder import load_model
+from llava.export import SOURCE_EXPORT_DIR
+from llava.model.builder import ModelConfig, build_model, load_model, save_model
 from llava.model.image_tokens import image_token_counter
 from llava.train.args import ModelArguments
 
@@ -130,3 +132,41 @@ def test_the_data_view_of_a_checkpoint_reads_its_files(train_data, tmp_path):
     run_main(train_argv(train_data, out, "sft", max_steps=1))
     args = ModelArguments(model_name_or_path=str(out))
     _same_view(train_module.data_view(args, "float32"), load_model(out, "float32"))
+
+
+def _stage3_argv(train_data, out, source, loss_type="sft", **flags) -> list[str]:
+    argv = train_argv(train_data, out, loss_type, stage3_source=source, **flags)
+    return [arg for arg in argv if not arg.startswith("--vision_tower=")]
+
+
+@pytest.fixture
+def stage2_checkpoint(train_data, tmp_path):
+    """A Stage-2-like checkpoint (not an export) to give as --stage3_source."""
+    model, tokenizer, processor = build_model(
+        ModelConfig(llm=str(train_data.llm), vision_tower=str(train_data.vision_tower))
+    )
+    save_model(model, tokenizer, processor, tmp_path / "stage2")
+    return tmp_path / "stage2"
+
+
+def test_a_stage3_run_from_a_checkpoint_source_refused_by_its_data_leaves_no_export(
+    train_data, tmp_path, stage2_checkpoint, no_model
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match="needs preference records"):
+        run_main(_stage3_argv(train_data, out, stage2_checkpoint, "dpo", data_path=train_data.sft_json))
+    assert no_model == [] and list(out.iterdir()) == []
+
+
+def test_a_stage3_run_from_a_checkpoint_source_moves_its_staged_export_into_output_dir(
+    train_data, tmp_path, stage2_checkpoint
+):
+    out = tmp_path / "out"
+    trainer = run_main(
+        _stage3_argv(train_data, out, stage2_checkpoint, max_steps=1, mm_tunable_parts="mm_mlp_adapter")
+    )
+    export = out / SOURCE_EXPORT_DIR
+    assert (export / "export.json").exists()
+    assert not list(out.glob(".*staging*"))
+    assert Path(trainer.model.config.vision_config._name_or_path).parent == export

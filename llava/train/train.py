@@ -13,9 +13,10 @@ One command for every stage (flags in llava.train.args). Order of work:
    loss needs them, then train with `PivotTrainer`, resuming automatically from the newest complete
    checkpoint in OUTPUT_DIR. The final model (plain HF checkpoint + tokenizer + image processor) goes to
    OUTPUT_DIR.
-Stage 3 from a checkpoint source (not an export) exports that source's encoder into OUTPUT_DIR first
-(llava.export `resolve_source`) and reads its image-token rule from the export: the one case where weights
-are read, and a file written, before the data is answered (give an export as --stage3_source to avoid it).
+Stage 3 from a checkpoint source (not an export) reads its image-token rule from an export of that source's
+encoder, staged in a hidden folder of OUTPUT_DIR and moved to OUTPUT_DIR/stage3_source_export only once the data
+passed (llava.train.source_export): the one case where weights are read before the data is answered (give an
+export as --stage3_source to avoid it); a refused run leaves no file.
 
 The model is loaded in `train_args.weights_dtype` (fp32 unless --bf16 under DeepSpeed; llava.train.args).
 Reference log-probs are scored once, by global rank 0 only (all nodes wait; OUTPUT_DIR is on a shared
@@ -36,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,6 +64,7 @@ from llava.train.param_groups import parse_tunable_parts, set_trainable_parts
 from llava.train.preflight import preflight
 from llava.train.reference import compute_reference_logps, load_reference_logps, save_reference_logps
 from llava.train.sampling import SAMPLE_ORDER_FILE
+from llava.train.source_export import commit_source_export, staged_source_export
 from llava.train.trainer import PivotTrainer
 from patches.zero3_init import zero3_init_disabled
 
@@ -364,11 +367,22 @@ def train_model(
     # The data is answered first (kind vs --loss_type, invalid records, too few for one step), from the model's
     # tokenizer, image processor and config alone: no weights are read before it passed.
     source_export = None
-    if model_args.stage3_source:  # a checkpoint source is exported (into OUTPUT_DIR) first, once
-        source_export = resolve_source(model_args.stage3_source, train_args.output_dir)
-    with zero3_init_disabled():  # the meta-device view is no model for ZeRO-3 to partition
-        config, tokenizer, image_processor = data_view(model_args, train_args.weights_dtype, source_export)
-    dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
+    with ExitStack() as stack:
+        if model_args.stage3_source:  # a checkpoint source's export is staged until the data passed
+            source_export = stack.enter_context(
+                staged_source_export(
+                    model_args.stage3_source, train_args.output_dir, train_args.process_index
+                )
+            )
+        with zero3_init_disabled():  # the meta-device view is no model for ZeRO-3 to partition
+            config, tokenizer, image_processor = data_view(
+                model_args, train_args.weights_dtype, source_export
+            )
+        dataset = build_dataset(data_args, train_args, tokenizer, image_processor, config)
+        if model_args.stage3_source:
+            source_export = commit_source_export(
+                model_args.stage3_source, source_export, train_args.output_dir, train_args
+            )
     transformers.set_seed(train_args.seed)
     with zero3_init_disabled():  # DeepSpeed partitions the model when training starts (patches.zero3_init)
         model, tokenizer, image_processor = load_or_build_model(
