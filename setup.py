@@ -31,8 +31,9 @@ setup(
     packages=find_packages(include=["llava", "llava.*", "analysis", "analysis.*", "patches", "patches.*"]),
     install_requires=[_known_to_work(r) for r in _requirements("requirements.txt")],
     extras_require={
-        # flash-attn needs CUDA to build; deepspeed installs and imports on CPU too.
-        "gpu": ["deepspeed==0.19.8", "flash-attn"],
+        # flash-attn needs CUDA to build; deepspeed installs and imports on CPU too. bitsandbytes quantizes the
+        # LLM for QLoRA (--bits 4|8, refused without CUDA); the CPU lock leaves it out (tests/test_lock.py).
+        "gpu": ["deepspeed==0.19.8", "flash-attn", "bitsandbytes==0.50.2"],
         # Install on CPU with a constraint pinning torch==2.13.0, then remove torchvision (see Makefile).
         "eval": [_known_to_work(r) for r in _requirements("requirements-eval.txt")],
         "dev": [_known_to_work(r) for r in _requirements("requirements-dev.txt")],
