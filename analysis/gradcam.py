@@ -36,10 +36,10 @@ Geometry (``analysis.gradcam_metrics.token_grid`` and ``map_extent``):
 Outputs of ``python -m analysis.gradcam`` (docs/CONTRACTS.md §4, kind ``gradcam``) in OUT_DIR:
 ``gradcam.json``; ``maps/<id>_<loss>.npy`` (``_step<k>`` appended when several steps are recorded);
 ``images/<id>.png`` (the region the map covers); ``overlays/<id>_<loss>[_step<k>].png``, each with a
-colour bar in gradient units on a scale [0, max] shared by the loss types of a sample and step (so SFT
-and DPO magnitudes compare directly); ``figures/<id>[_step<k>].png`` image | SFT | DPO drawn by
-``analysis.plots.plot_gradcam_grid`` (which min-max scales each panel: it compares where, not how
-much). Ids are made file-safe (``/`` → ``_``). Rows carry ``id``, ``loss_type``, ``step``, ``loss``,
+colour bar in gradient units on a scale [0, max] shared by the loss types of a sample and step (so the
+SFT, DPO and GRPO magnitudes compare directly); ``figures/<id>[_step<k>].png`` image | one map per loss
+type (e.g. SFT | DPO | GRPO) drawn by ``analysis.plots.plot_gradcam_grid`` on that shared scale too,
+without units. Ids are made file-safe (``/`` → ``_``). Rows carry ``id``, ``loss_type``, ``step``, ``loss``,
 ``learning_rate``, ``mass_in_box`` (null when the record has neither ``meta.box`` nor ``meta.mask``, a
 mask image path), ``entropy``, ``map_npy``, ``image`` and ``grid``.
 """

@@ -3,8 +3,9 @@
 One function per figure type; each takes data (rows as dicts, or loaded Grad-CAM maps), never paths,
 plus the output PNG path, and returns that path:
 
-- ``plot_category_bars``  Figures 2–3: Cambrian category averages, SFT vs DPO, across encoder sizes
-  (``x_key="vision_tower"``) or LLM sizes (``x_key="llm"``); rows of kind ``benchmarks``.
+- ``plot_category_bars``  Figures 2–3: Cambrian category averages, one bar per loss type (SFT, DPO,
+  GRPO, ...), across encoder sizes (``x_key="vision_tower"``) or LLM sizes (``x_key="llm"``); rows of
+  kind ``benchmarks``.
 - ``plot_data_scaling``   Figures 4–5: category averages against the Stage-2 data size, one line per
   loss type; rows of kind ``benchmarks`` with ``data_size``.
 - ``plot_linear_probe``   Figure 6: linear-probe top-1 against encoder size, one panel per feature
@@ -14,12 +15,14 @@ plus the output PNG path, and returns that path:
   per seed, averaged here).
 - ``plot_alignment``      Figure 10: mutual k-NN alignment bars per language model; rows of kind
   ``alignment``; rows of different studies (encoder tower, LLM, ...) are separate bars.
-- ``plot_gradcam_grid``   Figure 7: rows = samples, columns = image | SFT | DPO gradient maps overlaid.
+- ``plot_gradcam_grid``   Figure 7: rows = samples, columns = image | one gradient map per loss type
+  (e.g. SFT | DPO | GRPO) overlaid.
 
-Repeated rows (seeds) are averaged and drawn with ±1 std error bars. A row without a key the figure
-needs raises ``ValueError`` naming the figure, the row and the key. Rows without ``loss_type`` in
-the probe figures are the original encoder and are drawn as "base". Fractions (probe accuracies,
-recalls) are drawn as percentages; benchmark scores are already 0–100; alignment scores stay 0–1.
+Titles name the loss types drawn ("SFT vs DPO vs GRPO", ``versus``). Repeated rows (seeds) are
+averaged and drawn with ±1 std error bars. A row without a key the figure needs raises ``ValueError``
+naming the figure, the row and the key. Rows without ``loss_type`` in the probe figures are the
+original encoder and are drawn as "base". Fractions (probe accuracies, recalls) are drawn as
+percentages; benchmark scores are already 0–100; alignment scores stay 0–1.
 Rendering uses the Agg canvas directly, so importing this module leaves the pyplot backend alone.
 """
 
@@ -149,6 +152,11 @@ def order_losses(losses: Sequence[str]) -> list[str]:
     return known + [loss for loss in distinct if loss not in LOSS_ORDER]
 
 
+def versus(losses: Sequence[str]) -> str:
+    """The loss types in figure order, upper case, joined by " vs " ("SFT vs DPO vs GRPO")."""
+    return " vs ".join(loss.upper() for loss in order_losses(losses))
+
+
 def loss_color(loss: str, others: Sequence[str]) -> str:
     if loss in LOSS_COLORS:
         return LOSS_COLORS[loss]
@@ -268,7 +276,7 @@ def plot_category_bars(
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_ylabel("score (0–100)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(title or f"SFT vs DPO across {x_key}", fontsize=10)
+    fig.suptitle(title or f"{versus(losses)} across {x_key}", fontsize=10)
     return _save(fig, out_path)
 
 
@@ -461,8 +469,8 @@ def plot_gradcam_grid(
 ) -> Path:
     """Figure 7: one row per sample; columns image | one overlay per loss type.
 
-    The maps of a row share one colour scale, 0 to the largest value among them, so SFT and DPO
-    gradient magnitudes on the same sample compare directly.
+    The maps of a row share one colour scale, 0 to the largest value among them, so the gradient
+    magnitudes of the loss types on the same sample compare directly.
     """
     if not samples:
         raise ValueError("Grad-CAM grid: no samples")

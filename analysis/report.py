@@ -4,9 +4,10 @@
 files (docs/CONTRACTS.md §4: a top-level ``kind`` and ``rows``), groups them by kind, draws each of
 the paper's figure types whose inputs exist (analysis/plots.py) into OUT_DIR/figures/, and writes
 OUT_DIR/report.md: an optional prominent caveat, the paper's claims one by one with paired DPO − SFT
-differences over training seeds, controls and a computed verdict (analysis/claims.py), the tables
-(benchmarks, linear probe, segmentation probe, alignment, Grad-CAM; each led by its seed table of
-mean ± std and paired differences), links to the figures, and the figure types skipped with the reason.
+(and, where GRPO was run, GRPO − SFT) differences over training seeds, controls and a computed verdict
+(analysis/claims.py), the tables (benchmarks, linear probe, segmentation probe, alignment, Grad-CAM;
+each led by its seed table of mean ± std and paired differences), links to the figures, titled by the
+loss types they compare ("SFT vs DPO vs GRPO"), and the figure types skipped with the reason.
 
 Optionally ``--lmms_eval DIR`` aggregates raw lmms-eval output first (analysis/benchmarks.py, which
 also writes benchmarks.{csv,md,json} into OUT_DIR). JSON files without a ``kind`` (lmms-eval raw
@@ -234,17 +235,25 @@ def _sweep_rows(rows: Sequence[dict[str, Any]], x_key: str, other: str) -> tuple
     chosen = _labelled(rows, ["loss_type", x_key], "benchmarks")
     distinct_x = sorted({str(r[x_key]) for r in chosen})
     distinct_other = {str(r.get(other)) for r in rows if r.get(other) is not None}
-    # One value of each: the encoder figure alone shows SFT vs DPO; the LLM figure would repeat it.
+    # One value of each: the encoder figure alone compares the loss types; the LLM figure would repeat it.
     redundant = len(distinct_other) >= 2 if x_key == "vision_tower" else bool(distinct_other)
     if len(distinct_x) < 2 and redundant:
         raise Skip(f"only one {x_key} ({', '.join(distinct_x)}); the {other} figure covers it")
     return hold_others_fixed(chosen, x_key, ["vision_tower", "llm", "data_size"])
 
 
+def _compared(rows: Sequence[dict[str, Any]]) -> str:
+    """The loss types of ``rows`` as a title names them ("SFT vs DPO vs GRPO"); "loss types" without any."""
+    losses = [plots.loss_label(row) for row in rows if row.get("loss_type") is not None]
+    return plots.versus(losses) if losses else "loss types"
+
+
 def _figure_plan(
     grouped: dict[str, list[ResultsFile]],
 ) -> list[tuple[str, str, str, Callable[[Path], tuple[Path, str]]]]:
+    """(file name, title, kind, draw) per figure type; titles name the loss types the results hold."""
     rows = {kind: [row for file in files for row in file.rows] for kind, files in grouped.items()}
+    benchmarks = _compared(rows["benchmarks"])
 
     def category_bars(x_key: str, other: str) -> Callable[[Path], tuple[Path, str]]:
         def draw(path: Path) -> tuple[Path, str]:
@@ -294,19 +303,19 @@ def _figure_plan(
     return [
         (
             "category_bars_encoder",
-            "Figure 2: SFT vs DPO across encoder sizes",
+            f"Figure 2: {benchmarks} across encoder sizes",
             "benchmarks",
             category_bars("vision_tower", "llm"),
         ),
         (
             "category_bars_llm",
-            "Figure 3: SFT vs DPO across LLM sizes",
+            f"Figure 3: {benchmarks} across LLM sizes",
             "benchmarks",
             category_bars("llm", "vision_tower"),
         ),
         ("data_scaling", "Figures 4–5: data scaling", "benchmarks", scaling),
         ("linear_probe", "Figure 6: linear probe vs model size", "linear_probe", linear_probe),
-        ("gradcam_grid", "Figure 7: Grad-CAM, SFT vs DPO", "gradcam", gradcam),
+        ("gradcam_grid", f"Figure 7: Grad-CAM, {_compared(rows['gradcam'])}", "gradcam", gradcam),
         ("seg_recall", "Figure 8: segmentation-probe recall", "seg_probe", seg_recall),
         ("alignment", "Figure 10: vision–language alignment", "alignment", alignment),
     ]

@@ -85,6 +85,7 @@ def test_order_values_sorts_by_one_size_rule():
     assert plots.order_values(llms) == [llms[1], llms[2], llms[0]]
     assert plots.order_values(["tower-x", "tower-a"]) == ["tower-x", "tower-a"]
     assert plots.order_losses(["dpo", "custom", "sft", "base"]) == ["base", "sft", "dpo", "custom"]
+    assert plots.versus(["grpo", "dpo", "sft", "dpo"]) == "SFT vs DPO vs GRPO"
 
 
 @pytest.mark.parametrize(
@@ -125,6 +126,30 @@ def test_gradcam_grid_rows_share_one_colour_scale(tmp_path, monkeypatch):
     sample = plots.GradcamSample("s", None, {"sft": np.array([[1.0, 2.0]]), "dpo": np.array([[4.0, 0.0]])})
     plots.plot_gradcam_grid([sample], tmp_path / "g.png")
     assert shown == [([[0.25, 0.5]], 0.0, 1.0), ([[1.0, 0.0]], 0.0, 1.0)]
+
+
+def test_figure_titles_name_the_loss_types_drawn(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    real_suptitle = Figure.suptitle
+    titles = []
+
+    def recording_suptitle(self, text, *args, **kwargs):
+        titles.append(text)
+        return real_suptitle(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "suptitle", recording_suptitle)
+    rows = _rows("benchmarks.json")
+    grpo = [
+        {**row, "run": row["run"] + "-grpo", "loss_type": "grpo"} for row in rows if row["loss_type"] == "sft"
+    ]
+    plots.plot_category_bars(grpo + rows, tmp_path / "bars.png", x_key="llm")
+    sample = plots.GradcamSample("s", None, {loss: np.ones((2, 2)) for loss in ("sft", "dpo", "grpo")})
+    plots.plot_gradcam_grid([sample], tmp_path / "grid.png", loss_types=("sft", "dpo", "grpo"))
+    assert titles == [
+        "SFT vs DPO vs GRPO across llm",
+        "Gradient maps on the vision tokens (SFT vs DPO vs GRPO)",
+    ]
 
 
 @pytest.fixture

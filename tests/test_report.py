@@ -134,8 +134,31 @@ def test_cli_reads_caveat_file(tmp_path):
     assert main([str(results), str(tmp_path / "out"), "--caveat-file", str(caveat), "--title", "Demo"]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert text.startswith("# Demo\n\n> **⚠️ Caveat:** " + CAVEAT)
-    assert "Figure 7: Grad-CAM, SFT vs DPO: no `gradcam` results files" in text
+    assert "Figure 7: Grad-CAM, loss types: no `gradcam` results files" in text
     assert [Path(link).stem for link in _links(text)] == ["seg_recall"]
+
+
+def test_figure_titles_name_every_loss_type_shown(tmp_path):
+    """GRPO rows beside SFT and DPO: the titles of the loss-type figures name all three, in figure order."""
+    results = _results_dir(tmp_path)
+    for name in ("benchmarks.json", "gradcam/gradcam.json"):
+        path = results / name
+        doc = json.loads(path.read_text())
+        grpo = [{**row, "loss_type": "grpo"} for row in doc["rows"] if row["loss_type"] == "sft"]
+        for row in grpo:
+            if "run" in row:
+                row["run"] = row["run"].replace("sft", "grpo")
+            if "map_npy" in row:
+                row["map_npy"] = row["map_npy"].replace("_sft", "_grpo")
+                shutil.copy(
+                    path.parent / row["map_npy"].replace("_grpo", "_sft"), path.parent / row["map_npy"]
+                )
+        path.write_text(json.dumps({**doc, "rows": grpo + doc["rows"]}))
+    text = build_report(results, tmp_path / "out").read_text()
+    assert "### Figure 2: SFT vs DPO vs GRPO across encoder sizes" in text
+    assert "### Figure 3: SFT vs DPO vs GRPO across LLM sizes" in text
+    assert "### Figure 7: Grad-CAM, SFT vs DPO vs GRPO" in text
+    assert text.count("SFT vs DPO") == text.count("SFT vs DPO vs GRPO")  # no title leaves GRPO out
 
 
 def test_hold_others_fixed_keeps_unlabelled_rows():
