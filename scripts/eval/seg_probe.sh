@@ -21,6 +21,7 @@ PYTHON=${PYTHON:-python}
 LLM_VERSION=${LLM_VERSION:-qwen2.5-1.5b}
 VISION_MODEL_VERSION=${VISION_MODEL_VERSION:-siglip2-so16}
 RUN_BASE=${RUN_BASE:-${LLM_VERSION}_${VISION_MODEL_VERSION}}
+# A GRPO run (scripts/train/grpo.sh) is one more entry: ENCODERS="... grpo=runs/stage2/${RUN_BASE}_grpo/export".
 ENCODERS=${ENCODERS:-"sft=runs/stage2/${RUN_BASE}_sft/export dpo=runs/stage2/${RUN_BASE}_dpo/export"}
 DATA=${DATA:-data/ADEChallengeData2016}
 SEEDS=${SEEDS:-6}
