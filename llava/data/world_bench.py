@@ -22,11 +22,17 @@ Each type is written as two lmms-eval tasks that read local files only (``datase
   (:func:`parse_answer`: the value after "answer is" if present, else the first value of the
   answer set that the text names) and scored by exact match (``exact_match``).
 
-Questions are :func:`llava.data.synthetic.feasible_questions` of each scene (one per type the scene
-can ask unambiguously), drawn from ``SeedSequence([seed, image index])``: the same world and seed
-give the same questions. ``python -m llava.data.world_bench --world DIR --out_dir DIR`` writes
-``data/<type>/``, ``tasks/*.yaml`` + ``tasks/utils.py`` (for ``lmms_eval --include_path``) and
-``bench.json`` (task names, counts, majority and chance levels). The task functions that lmms-eval
+Questions are :func:`llava.data.synthetic_questions.feasible_questions` of each scene (one per type
+the scene can ask unambiguously), drawn from ``SeedSequence([seed, image index])``: the same world and
+seed give the same questions. Each type's answers are then balanced (:func:`balance_answers`: the
+questions interleaved by answer value, cut where the most common answer would outnumber the runner-up),
+so that always answering one value scores no more than the runner-up value would: colour, shape and
+position come out uniform, count (scenes rarely repeat a shape) has as many 1s as 2s plus the few 3s
+(small demo, 48 per type: 20/20/8, always-majority 41.7 % against chance 25 %; the first 48 questions
+before balancing had 40 answers "1", 83 %). ``python -m llava.data.world_bench --world DIR --out_dir DIR``
+writes ``data/<type>/``, ``tasks/*.yaml`` + ``tasks/utils.py`` (for ``lmms_eval --include_path``) and
+``bench.json`` (per task: questions, the answer counts, the always-majority and chance accuracies, the
+feasible questions and how many of them balancing dropped). The task functions that lmms-eval
 calls live here (:func:`doc_to_visual`, :func:`doc_to_text`, :func:`process_choice`,
 :func:`process_generation`).
 """
