@@ -10,6 +10,7 @@ answers are correct by construction and whose rejected answers are plausible but
 (> 100 words, step by step) and ``think`` (``<think>...</think>`` tags), so that the paper's
 Under30 / NoThink / new-distribution filters (Song et al. 2025, appendix E) have work to do.
 Every final answer is one word (colour, shape, digit, yes/no): ``"Red."`` or ``"... the answer is red."``.
+The questions and their right and wrong answers come from :mod:`llava.data.synthetic_questions`.
 Same seed, same bytes. Run ``python -m llava.data.synthetic --out_dir DIR`` to write a world.
 """
 
