@@ -276,6 +276,9 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
                         assert question_type == "position"
                     continue
                 asked.add(question_type)
+                if question_type == "count":  # the most frequent shape is asked about
+                    shapes = [o.shape for o in scene.objects]
+                    assert int(record["answer"]) == max(shapes.count(x) for x in shapes)
                 assert record["answer_type"] == style and record["question_type"] == question_type
                 _check_record(record, np.asarray(image), mask)
                 _check_style(record)

@@ -1,7 +1,8 @@
 """The miniature's benchmark suite (llava/data/world_bench.py) and its scoring through the real path.
 
 - The writer: held-out (val) questions of every type, answers inside the answer set, the target among
-  the forced-choice candidates, same seed same questions, task names equal to the world registry's.
+  the forced-choice candidates, same seed same questions, task names equal to the world registry's;
+  answers balanced per type (no answer more common than the runner-up), bench.json's counts truthful.
 - Scoring functions: answer parsing of free text, forced choice = lowest NLL (both result forms).
 - The real CLI (slow): `scripts/eval/cambrian16.sh` with `--model pivot`, `SUITE=world` and the written
   tasks via `--include_path`; the forced-choice score in benchmarks.json equals the per-sample argmin
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from llava.data.world_bench import (
     CATEGORY_OF,
     MODES,
     answer_set,
+    balance_answers,
     benchmark_questions,
     candidate_statement,
     parse_answer,
@@ -69,11 +72,36 @@ def test_writer_asks_held_out_questions_with_answers_among_candidates(world, ben
     for name, task in summary["tasks"].items():
         spec = next(s for s in WORLD_BENCHMARKS.values() if s.task == name)
         assert spec.category == task["category"] and 0 < task["chance"] <= task["majority"] <= 1
-        assert task["questions"] == min(5, len(questions[task["question_type"]]))
+        balanced = balance_answers(questions[task["question_type"]])
+        assert task["feasible"] == len(questions[task["question_type"]])
+        assert task["dropped_by_balancing"] == task["feasible"] - len(balanced)
+        assert task["questions"] == min(5, len(balanced)) == sum(task["answers"].values())
+        assert task["majority"] == max(task["answers"].values()) / task["questions"]
         assert "hub" not in (out / "tasks" / f"{name}.yaml").read_text()
     assert load_registry(suite="world") == WORLD_BENCHMARKS
     with pytest.raises(ValueError, match="unknown benchmark suite 'x'"):
         load_registry(suite="x")
+
+
+def test_balancing_gives_no_answer_more_questions_than_the_runner_up(world):
+    def records(answers: str) -> list[dict]:
+        return [{"id": i, "answer": a, "values": ["a", "b", "c", "d"]} for i, a in enumerate(answers)]
+
+    balanced = balance_answers(records("aaaabacaba"))  # a: 7, b: 2, c: 1
+    assert [r["answer"] for r in balanced] == ["a", "b", "c", "a", "b"]
+    assert [r["id"] for r in balanced] == [0, 4, 6, 1, 8], "each answer's records keep their order"
+    assert balance_answers(records("aaa")) == records("aaa"), "a single answer cannot be balanced"
+    assert balance_answers([]) == []
+    for question_type, questions in benchmark_questions(world).items():
+        balanced = balance_answers(questions)
+        assert balanced == balance_answers(questions), "deterministic"
+        assert {r["id"] for r in balanced} <= {r["id"] for r in questions}
+        total = Counter(r["answer"] for r in balanced)
+        counts = sorted(total.values())
+        assert len(counts) == 1 or counts[-1] == counts[-2], (question_type, counts)
+        for n in range(1, len(balanced) + 1):  # every prefix: an answer leads another by at most one
+            prefix = Counter(r["answer"] for r in balanced[:n])  # unless the other has run out
+            assert all(prefix[v] - prefix[w] <= 1 or prefix[w] == total[w] for v in total for w in total)
 
 
 def test_candidates_are_stage1_statements_differing_only_in_the_answer():

@@ -10,6 +10,7 @@ answers are correct by construction and whose rejected answers are plausible but
 (> 100 words, step by step) and ``think`` (``<think>...</think>`` tags), so that the paper's
 Under30 / NoThink / new-distribution filters (Song et al. 2025, appendix E) have work to do.
 Every final answer is one word (colour, shape, digit, yes/no): ``"Red."`` or ``"... the answer is red."``.
+The questions and their right and wrong answers come from :mod:`llava.data.synthetic_questions`.
 Same seed, same bytes. Run ``python -m llava.data.synthetic --out_dir DIR`` to write a world.
 """
 
@@ -21,7 +22,7 @@ import json
 import logging
 import posixpath
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,24 +30,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from llava.data.synthetic_questions import Question, feasible_questions, pick
 from llava.data.synthetic_scene import (
     BACKGROUND_COLOURS,
     COLOURS,
     LABEL_CLASSES,
-    PLURALS,
-    POSITION_MARGIN,
-    REGION_NAMES,
     SHAPES,
     Scene,
-    article,
     describe_scene,
     largest_object,
     list_objects,
-    region_name,
     render_scene,
     sample_scene,
-    visible_centre,
-    visible_masks,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,162 +69,6 @@ styles are deliberate: image paths are relative to ``root``, as in MMPR-v1.2."""
 
 SPLITS: dict[str, tuple[str, str]] = {"train": ("training", "train"), "val": ("validation", "val")}
 """World split -> (ADE20K split name, ImageFolder split name)."""
-
-
-@dataclass(frozen=True)
-class Question:
-    """A question about a scene with its correct and its plausible-but-wrong answer.
-
-    ``answer``/``wrong`` are single words; ``reason``/``wrong_reason`` explain them in one or two
-    sentences; ``statement`` is the correct answer as a sentence (LLaVA instruct data);
-    ``targets`` are the indices of the objects the question is about.
-    """
-
-    question_type: str
-    text: str
-    answer: str
-    wrong: str
-    reason: str
-    wrong_reason: str
-    statement: str
-    targets: tuple[int, ...]
-
-
-def _pick(rng: np.random.Generator, items: Sequence[Any]) -> Any:
-    return items[int(rng.integers(len(items)))]
-
-
-def _wrong_value(rng: np.random.Generator, true: str, present: set[str], universe: Sequence[str]) -> str:
-    """A wrong value: half the time another value in the scene (confusion), else an absent one (hallucination)."""
-    confusable = sorted(present - {true})
-    absent = [v for v in universe if v not in present]
-    pool = confusable if confusable and (not absent or rng.random() < 0.5) else absent
-    return _pick(rng, pool)
-
-
-def _count_sentence(shape: str, places: Sequence[str]) -> str:
-    if not places:
-        return f"I find no {PLURALS[shape]} in the image."
-    if len(places) == 1:
-        return f"I find 1 {shape}, {places[0]}."
-    ones = [f"one {p}" for p in places]
-    return f"I find {len(places)} {PLURALS[shape]}: {', '.join(ones[:-1])} and {ones[-1]}."
-
-
-def _colour_question(
-    scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
-) -> Question | None:
-    shapes = [o.shape for o in scene.objects]
-    candidates = [i for i, s in enumerate(shapes) if shapes.count(s) == 1]
-    if not candidates:
-        return None
-    i = _pick(rng, candidates)
-    obj = scene.objects[i]
-    wrong = _wrong_value(rng, obj.colour, {o.colour for o in scene.objects}, list(COLOURS))
-    where = region_name(centres[i], scene.image_size)
-    return Question(
-        "colour",
-        f"What colour is the {obj.shape}?",
-        obj.colour,
-        wrong,
-        f"The {obj.shape} is {where}, and its fill colour is {obj.colour}.",
-        f"The {obj.shape} is {where}, and its fill colour is {wrong}.",
-        f"The {obj.shape} is {obj.colour}.",
-        (i,),
-    )
-
-
-def _shape_question(
-    scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
-) -> Question | None:
-    colours = [o.colour for o in scene.objects]
-    candidates = [i for i, c in enumerate(colours) if colours.count(c) == 1]
-    if not candidates:
-        return None
-    i = _pick(rng, candidates)
-    obj = scene.objects[i]
-    wrong = _wrong_value(rng, obj.shape, {o.shape for o in scene.objects}, SHAPES)
-    where = region_name(centres[i], scene.image_size)
-    return Question(
-        "shape",
-        f"What shape is the {obj.colour} object?",
-        obj.shape,
-        wrong,
-        f"The only {obj.colour} object in the image is {where}, and its outline is {article(obj.shape)} {obj.shape}.",
-        f"The only {obj.colour} object in the image is {where}, and its outline is {article(wrong)} {wrong}.",
-        f"The {obj.colour} object is {article(obj.shape)} {obj.shape}.",
-        (i,),
-    )
-
-
-def _count_question(
-    scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
-) -> Question | None:
-    shape = _pick(rng, sorted({o.shape for o in scene.objects}, key=SHAPES.index))
-    targets = tuple(i for i, o in enumerate(scene.objects) if o.shape == shape)
-    true = len(targets)
-    wrong = _pick(rng, [n for n in (true - 1, true + 1, true + 2) if n >= 0])
-    places = [region_name(centres[i], scene.image_size) for i in targets]
-    unused = [r for row in REGION_NAMES for r in row if r not in places]
-    wrong_places = places[:wrong] + [_pick(rng, unused) for _ in range(wrong - true)]
-    statement = f"There is 1 {shape}." if true == 1 else f"There are {true} {PLURALS[shape]}."
-    return Question(
-        "count",
-        f"How many {PLURALS[shape]} are there in the image?",
-        str(true),
-        str(wrong),
-        _count_sentence(shape, places),
-        _count_sentence(shape, wrong_places),
-        statement,
-        targets,
-    )
-
-
-def _position_question(
-    scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
-) -> Question | None:
-    names = [o.phrase(with_size=False) for o in scene.objects]
-    unique = [i for i, n in enumerate(names) if names.count(n) == 1]
-    margin = POSITION_MARGIN * scene.image_size
-    pairs = [
-        (i, j) for i in unique for j in unique if i != j and abs(centres[i][0] - centres[j][0]) >= margin
-    ]
-    if not pairs:
-        return None
-    i, j = _pick(rng, pairs)
-    a, b = names[i], names[j]
-    left = centres[i][0] < centres[j][0]
-    side, other = ("to the left of", "to the right of") if left else ("to the right of", "to the left of")
-    where_a = region_name(centres[i], scene.image_size)
-    where_b = region_name(centres[j], scene.image_size)
-    seen = f"The {a} is {where_a} and the {b} is {where_b}, so the {a} is"
-    return Question(
-        "position",
-        f"Is the {a} to the left of the {b}?",
-        "yes" if left else "no",
-        "no" if left else "yes",
-        f"{seen} {side} the {b}.",
-        f"{seen} {other} the {b}.",
-        f"{'Yes' if left else 'No'}, the {a} is {side} the {b}.",
-        (i, j),
-    )
-
-
-QUESTION_BUILDERS: dict[
-    str, Callable[[Scene, list[tuple[float, float]], np.random.Generator], Question | None]
-] = {
-    "colour": _colour_question,
-    "shape": _shape_question,
-    "count": _count_question,
-    "position": _position_question,
-}
-
-
-def feasible_questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:
-    """One question per type that the scene can answer unambiguously, keyed by type."""
-    centres = [visible_centre(v) for v in visible_masks(scene)]
-    built = {name: build(scene, centres, rng) for name, build in QUESTION_BUILDERS.items()}
-    return {name: q for name, q in built.items() if q is not None}
 
 
 def format_answer(question: Question, style: str, background: str, correct: bool) -> str:
@@ -281,7 +120,7 @@ def make_preference_question(
         raise ValueError(f"unknown answer style {style!r}; known styles: {sorted(ANSWER_STYLES)}")
     feasible = feasible_questions(scene, rng)
     if question_type is None:
-        question_type = _pick(rng, list(feasible))
+        question_type = pick(rng, list(feasible))
     if question_type not in feasible:
         raise ValueError(
             f"question type {question_type!r} is not possible for this scene; possible: {list(feasible)}"

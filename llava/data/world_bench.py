@@ -22,11 +22,17 @@ Each type is written as two lmms-eval tasks that read local files only (``datase
   (:func:`parse_answer`: the value after "answer is" if present, else the first value of the
   answer set that the text names) and scored by exact match (``exact_match``).
 
-Questions are :func:`llava.data.synthetic.feasible_questions` of each scene (one per type the scene
-can ask unambiguously), drawn from ``SeedSequence([seed, image index])``: the same world and seed
-give the same questions. ``python -m llava.data.world_bench --world DIR --out_dir DIR`` writes
-``data/<type>/``, ``tasks/*.yaml`` + ``tasks/utils.py`` (for ``lmms_eval --include_path``) and
-``bench.json`` (task names, counts, majority and chance levels). The task functions that lmms-eval
+Questions are :func:`llava.data.synthetic_questions.feasible_questions` of each scene (one per type
+the scene can ask unambiguously), drawn from ``SeedSequence([seed, image index])``: the same world and
+seed give the same questions. Each type's answers are then balanced (:func:`balance_answers`: the
+questions interleaved by answer value, cut where the most common answer would outnumber the runner-up),
+so that always answering one value scores no more than the runner-up value would: colour, shape and
+position come out uniform, count (scenes rarely repeat a shape) has as many 1s as 2s plus the few 3s
+(small demo, 48 per type: 20/20/8, always-majority 41.7 % against chance 25 %; the first 48 questions
+before balancing had 40 answers "1", 83 %). ``python -m llava.data.world_bench --world DIR --out_dir DIR``
+writes ``data/<type>/``, ``tasks/*.yaml`` + ``tasks/utils.py`` (for ``lmms_eval --include_path``) and
+``bench.json`` (per task: questions, the answer counts, the always-majority and chance accuracies, the
+feasible questions and how many of them balancing dropped). The task functions that lmms-eval
 calls live here (:func:`doc_to_visual`, :func:`doc_to_text`, :func:`process_choice`,
 :func:`process_generation`).
 """
@@ -46,7 +52,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from llava.data.synthetic import QUESTION_TYPES, Question, feasible_questions, load_world
+from llava.data.synthetic import QUESTION_TYPES, load_world
+from llava.data.synthetic_questions import Question, feasible_questions
 from llava.data.synthetic_scene import COLOURS, PLURALS, SHAPES, article, scene_from_dict
 
 logger = logging.getLogger(__name__)
@@ -211,6 +218,24 @@ def benchmark_questions(
     return by_type
 
 
+def balance_answers(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` interleaved by answer and cut where one answer would outnumber all others.
+
+    One record per answer value in turn (values in answer-set order, each value's records in their own
+    order) for as many rounds as the second most common value has records: the most common value then
+    has exactly as many records as the runner-up, so its share is at most 1/2 whenever two values occur,
+    and every prefix (``per_type``) is as balanced as the records allow. Records whose answer is the only
+    one are returned as they are. Deterministic: same records, same result.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in sorted(records, key=lambda r: r["values"].index(r["answer"])):
+        groups.setdefault(record["answer"], []).append(record)
+    if len(groups) < 2:
+        return list(records)
+    rounds = sorted(len(group) for group in groups.values())[-2]
+    return [group[k] for k in range(rounds) for group in groups.values() if k < len(group)]
+
+
 def write_world_bench(
     world_dir: str | Path,
     out_dir: str | Path,
@@ -221,7 +246,8 @@ def write_world_bench(
 ) -> dict[str, Any]:
     """Write the datasets, task YAMLs and ``bench.json`` (module docstring); returns bench.json's content.
 
-    ``per_type`` keeps the first N questions of each type (None: all).
+    Each type's questions are :func:`balance_answers` of its feasible ones, of which ``per_type`` keeps
+    the first N (None: all); bench.json counts the feasible questions and those balancing dropped.
     """
     from datasets import Dataset, DatasetDict, Features, Value
     from datasets import Image as ImageFeature
@@ -243,15 +269,16 @@ def write_world_bench(
     )
     (out / "tasks").mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"world": str(world_dir.resolve()), "split": split, "seed": seed, "tasks": {}}
-    for question_type, records in benchmark_questions(world_dir, split, seed).items():
-        records = records[:per_type] if per_type is not None else records
+    for question_type, feasible in benchmark_questions(world_dir, split, seed).items():
+        balanced = balance_answers(feasible)
+        records = balanced[:per_type] if per_type is not None else balanced
         if not records:
             raise ValueError(f"{world_dir}: no {question_type!r} question in split {split!r}")
         columns = {key: [r[key] for r in records] for key in features}
         columns["image"] = [str(world_dir / path) for path in columns["image"]]
         data = out / "data" / question_type
         DatasetDict({SPLIT: Dataset.from_dict(columns, features=features)}).save_to_disk(str(data))
-        majority = Counter(columns["answer"]).most_common(1)[0][1] / len(records)
+        answers = Counter(columns["answer"])
         for mode in MODES:
             name = task_name(question_type, mode)
             block = CHOICE_BLOCK if mode == "choice" else GEN_BLOCK.format(max_new_tokens=max_new_tokens)
@@ -266,7 +293,10 @@ def write_world_bench(
                 "mode": mode,
                 "questions": len(records),
                 "chance": 1.0 / len(records[0]["values"]),
-                "majority": majority,
+                "majority": answers.most_common(1)[0][1] / len(records),
+                "answers": {value: answers[value] for value in records[0]["values"]},
+                "feasible": len(feasible),
+                "dropped_by_balancing": len(feasible) - len(balanced),
             }
     (out / "tasks" / "utils.py").write_text(UTILS_PY, encoding="utf-8")
     (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
