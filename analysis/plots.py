@@ -153,8 +153,9 @@ def order_losses(losses: Sequence[str]) -> list[str]:
 
 
 def versus(losses: Sequence[str]) -> str:
-    """The loss types in figure order, upper case, joined by " vs " ("SFT vs DPO vs GRPO")."""
-    return " vs ".join(loss.upper() for loss in order_losses(losses))
+    """The loss types in figure order joined by " vs " ("SFT vs DPO vs GRPO"): the known ones (`LOSS_COLORS`) upper
+    case, other labels (a control's "dpo (frozen tower)") as written."""
+    return " vs ".join(loss.upper() if loss in LOSS_COLORS else loss for loss in order_losses(losses))
 
 
 def loss_color(loss: str, others: Sequence[str]) -> str:

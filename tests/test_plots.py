@@ -86,6 +86,7 @@ def test_order_values_sorts_by_one_size_rule():
     assert plots.order_values(["tower-x", "tower-a"]) == ["tower-x", "tower-a"]
     assert plots.order_losses(["dpo", "custom", "sft", "base"]) == ["base", "sft", "dpo", "custom"]
     assert plots.versus(["grpo", "dpo", "sft", "dpo"]) == "SFT vs DPO vs GRPO"
+    assert plots.versus(["dpo (frozen tower)", "sft"]) == "SFT vs dpo (frozen tower)"
 
 
 @pytest.mark.parametrize(
