@@ -122,7 +122,8 @@ def _count_question(
     scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
 ) -> Question | None:
     counts = Counter(o.shape for o in scene.objects)
-    shape = pick(rng, [s for s in SHAPES if counts[s] == max(counts.values())])  # the most frequent shape
+    most = max(counts.values())
+    shape = pick(rng, [s for s in SHAPES if counts[s] == most])  # the most frequent shape
     targets = tuple(i for i, o in enumerate(scene.objects) if o.shape == shape)
     true = len(targets)
     wrong = pick(rng, [n for n in (true - 1, true + 1, true + 2) if n >= 0])
