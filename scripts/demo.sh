@@ -69,33 +69,29 @@ cpu_now() {  # CPU=user + system CPU seconds of every finished child of this scr
   times >"$file"
   CPU=$(tail -n 1 "$file" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub("s", "", p[2]); t += 60 * p[1] + p[2] } printf "%d", t }')
 }
-stage() {  # stage NAME COMMAND...: run one stage, log its output, print one line with elapsed and CPU time
+run_stage() {  # run_stage NAME COMMAND...: run one stage, log its output, print one line with elapsed and CPU time
   local name=$1 began=$SECONDS cpu_began; shift
   cpu_now; cpu_began=$CPU
-  printf '[demo] %-34s ... ' "$name"
   if "$@" >"$LOG/$name.log" 2>&1; then
     cpu_now
-    printf 'done in %4ds (cpu %4ds; total %4ds)\n' $((SECONDS - began)) $((CPU - cpu_began)) $((SECONDS - START))
+    printf '[demo] %-34s ... done in %4ds (cpu %4ds; total %4ds)\n' "$name" $((SECONDS - began)) $((CPU - cpu_began)) \
+      $((SECONDS - START))
   else
-    printf 'FAILED; last lines of %s:\n' "$LOG/$name.log"; tail -n 30 "$LOG/$name.log"; exit 1
+    printf '[demo] %-34s ... FAILED; last lines of %s:\n' "$name" "$LOG/$name.log"; tail -n 30 "$LOG/$name.log"
+    return 1
   fi
 }
+stage() { run_stage "$@" || exit 1; }
 
-# Independent stages (the runs and analyses of different seeds and controls) run DEMO_JOBS at a time, one
-# torch thread each; pstage NAME COMMAND... starts one in the background, pwait waits for all of them.
+# Independent stages run DEMO_JOBS at a time, one torch thread each: background COMMAND... starts a command (a
+# stage, or a function running several stages in order) once a slot is free; pwait waits for all of them.
+# Callers queue the longest jobs first, so that the last ones to finish are short.
 DEMO_JOBS=${DEMO_JOBS:-2}
-pstage() {
+background() {
   while [ "$(jobs -rp | wc -l)" -ge "$DEMO_JOBS" ]; do wait -n || { pwait; exit 1; }; done
-  (
-    began=$SECONDS
-    if "${@:2}" >"$LOG/$1.log" 2>&1; then
-      cpu_now  # in this subshell: the CPU seconds of this stage's own children
-      printf '[demo] %-34s ... done in %4ds (cpu %4ds; total %4ds)\n' "$1" $((SECONDS - began)) "$CPU" $((SECONDS - START))
-    else
-      printf '[demo] %-34s ... FAILED; last lines of %s:\n' "$1" "$LOG/$1.log"; tail -n 30 "$LOG/$1.log"; exit 1
-    fi
-  ) &
+  ( "$@" ) &
 }
+pstage() { background run_stage "$@"; }
 pwait() {
   local failed=0 pid
   for pid in $(jobs -p); do wait "$pid" || failed=1; done
@@ -114,22 +110,65 @@ if [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ]; then
 fi
 mkdir -p "$DEMO_DIR" && touch "$DEMO_DIR/$MARKER" && mkdir -p "$LOG" "$RESULTS"
 echo "[demo] scale=$DEMO_SCALE dir=$DEMO_DIR (per-stage logs in $LOG)"
-stage tiny_presets      "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_size "$IMAGE_SIZE" --towers siglip \
+# The presets and the world are independent, and so are Stage 0 and the MMPR conversion; then Stage 1 (one
+# process, one core) runs beside everything that needs only Stage 0 (start_tower below).
+pstage tiny_presets     "$PYTHON" -m llava.tiny "$TINY" --seed "$SEED" --image_size "$IMAGE_SIZE" --towers siglip \
                           --vision_hidden "$VISION_HIDDEN" --vision_layers "$VISION_LAYERS" --patch_size "$PATCH" \
                           --llm_hidden "$LLM_HIDDEN" --llm_layers "$LLM_LAYERS"
-stage world             "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
+pstage world            "$PYTHON" -m llava.data.synthetic --out_dir "$WORLD" --seed "$SEED" \
                           --num_train "$NUM_TRAIN" --num_val "$NUM_VAL" --image_size "$IMAGE_SIZE" --label colour
+pwait
 SEG_CLASSES=$("$PYTHON" -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$WORLD/ade/classes.json")
-stage mmpr_convert      "$PYTHON" -m llava.data.mmpr --meta_path "$WORLD/mmpr/meta.json" --out_dir "$DATA" \
+pstage stage0_tower     env VISION_MODEL_VERSION="$TINY/siglip" WORLD="$WORLD" OUTPUT_DIR="$DEMO_DIR/stage0" \
+                          STEPS="$S0_STEPS" BATCH="$S0_BATCH" LR="$LR_S0" bash scripts/train/stage0.sh
+pstage mmpr_convert     "$PYTHON" -m llava.data.mmpr --meta_path "$WORLD/mmpr/meta.json" --out_dir "$DATA" \
                           --size "$MMPR_SIZE" --seed "$SEED" --tokenizer "$TINY/llm" --image_folder "$WORLD" \
                           --image_tokens $(( (IMAGE_SIZE / PATCH) ** 2 ))  # tiny SigLIP: square, no CLS
-stage stage0_tower      env VISION_MODEL_VERSION="$TINY/siglip" WORLD="$WORLD" OUTPUT_DIR="$DEMO_DIR/stage0" \
-                          STEPS="$S0_STEPS" BATCH="$S0_BATCH" LR="$LR_S0" bash scripts/train/stage0.sh
-stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$DEMO_DIR/stage1_proj" \
-                          LR="$LR_S1A" EPOCHS="$EPOCHS_S1A" bash scripts/train/stage1_proj.sh --save_strategy no
-stage stage1b_full      env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \
-                          OUTPUT_DIR="$DEMO_DIR/stage1_full" LR="$LR_S1B" VISION_LR="$VISION_LR_S1B" \
-                          EPOCHS="$EPOCHS_S1B" bash scripts/train/stage1_full.sh --save_strategy no
+pwait
+
+# Encoder analyses (one results file per call; analysis.report reads them all): linear_probe / seg_probe SEED OUT
+# NAME=MODEL... probe the world's label and its colour masks; each training seed draws its own probe seeds.
+linear_probe() {
+  local seed=$1 out=$2 names=() encoders=() pair; shift 2
+  for pair in "$@"; do names+=("${pair%%=*}"); encoders+=("${pair#*=}"); done
+  "$PYTHON" -m analysis.linear_probe --encoders "${encoders[@]}" --run_names "${names[@]}" \
+    --train_data "$WORLD/imagefolder" --train_split train --eval_data "$WORLD/imagefolder" --eval_split val \
+    --feature_points encoder projector --methods logreg prototype --seed "$seed" --out "$out" \
+    --cache_dir "$DEMO_DIR/cache"
+}
+seg_probe() {
+  local seed=$1 out=$2 names=() encoders=() pair; shift 2
+  for pair in "$@"; do names+=("${pair%%=*}"); encoders+=("${pair#*=}"); done
+  "$PYTHON" -m analysis.seg_probe --encoders "${encoders[@]}" --run_names "${names[@]}" --data "$WORLD/ade" \
+    --num_classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --first_seed $((seed * SEG_SEEDS)) --out "$out" \
+    --max_train_images "$SEG_IMAGES" --png_dir "$(dirname "$out")/seg_examples" --cache_dir "$DEMO_DIR/cache" \
+    --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the small demo runs 160
+}
+stage1() {
+  run_stage stage1a_projector env DATA_PATH="$WORLD/llava/pretrain.json" OUTPUT_DIR="$DEMO_DIR/stage1_proj" \
+    LR="$LR_S1A" EPOCHS="$EPOCHS_S1A" bash scripts/train/stage1_proj.sh --save_strategy no &&
+    run_stage stage1b_full env CKPT_PATH="$DEMO_DIR/stage1_proj" DATA_PATH="$WORLD/llava/instruct.json" \
+      OUTPUT_DIR="$DEMO_DIR/stage1_full" LR="$LR_S1B" VISION_LR="$VISION_LR_S1B" \
+      EPOCHS="$EPOCHS_S1B" bash scripts/train/stage1_full.sh --save_strategy no
+}
+# The tower Stage 1 starts from, exported as the MLLM reads it (the untrained-by-the-MLLM control) and probed once
+# per training seed, and the world benchmark's held-out questions (llava/data/world_bench.py).
+BENCH=$DEMO_DIR/bench
+start_tower() {
+  run_stage original_tower "$PYTHON" -m llava.export --vision_tower "$VISION_MODEL_VERSION" "$DEMO_DIR/original" &&
+    run_stage world_bench "$PYTHON" -m llava.data.world_bench --world "$WORLD" --out_dir "$BENCH" \
+      --per_type "$BENCH_PER_TYPE" || return 1
+  local S
+  for S in $SEEDS; do
+    run_stage "seg_probe_original_s$S" seg_probe "$S" "$RESULTS/seed$S/seg_probe_original.json" \
+      original="$DEMO_DIR/original" &&
+      run_stage "linear_probe_original_s$S" linear_probe "$S" "$RESULTS/seed$S/linear_probe_original.json" \
+        original="$DEMO_DIR/original" || return 1
+  done
+}
+background stage1
+background start_tower
+pwait
 # Stage 2 from the one Stage-1 checkpoint: SFT, DPO and GRPO per training seed (same samples, same order within
 # a seed; GRPO reads the converter's mmpr_grpo.json: the same ids with their answers), and with DEMO_CONTROLS=1
 # two controls per seed: DPO with the vision tower frozen (the encoder gets no gradient) and sign-flipped DPO
@@ -149,19 +188,31 @@ stage2() {  # stage2 CONDITION SEED: one Stage-2 run into $DEMO_DIR/stage2/CONDI
     MAX_COMPLETION_LENGTH="$GRPO_MAX_TOKENS" REWARD_FUNCS=named_answer REWARD_WEIGHTS=1 \
     bash "scripts/train/$script" --save_strategy no "${extra[@]}"
 }
-for S in $SEEDS; do
-  for C in "${CONDITIONS[@]}"; do pstage "stage2_${C}_s$S" stage2 "$C" "$S"; done
+# Queued longest first (GRPO, the DPO runs, SFT; Grad-CAM of the Stage-1 checkpoint last), so that the runs
+# finishing last are short ones.
+for C in grpo dpo dpo_frozen dpo_flipped sft; do
+  [[ " ${CONDITIONS[*]} " == *" $C "* ]] || continue
+  for S in $SEEDS; do pstage "stage2_${C}_s$S" stage2 "$C" "$S"; done
 done
+# shellcheck disable=SC2086
+pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
+                          --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
+                          --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo grpo \
+                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" grpo="$LR_GRPO" --beta "$BETA" \
+                          --num_generations "$GRPO_G" --max_completion_length "$GRPO_MAX_TOKENS" --reward_funcs named_answer \
+                          --out_dir "$RESULTS/gradcam"
 pwait
-# The tower Stage 1 started from, exported as the MLLM reads it: the untrained-by-the-MLLM control.
-stage original_tower    "$PYTHON" -m llava.export --vision_tower "$VISION_MODEL_VERSION" "$DEMO_DIR/original"
 
-# World benchmark (llava/data/world_bench.py): held-out questions as local lmms-eval tasks, run through
-# lmms-eval's CLI with `--model pivot` for every language model (llava.eval.run_many: one process per group
-# of checkpoints, DEMO_JOBS groups, so lmms-eval's imports are paid once per group), then one table.
-BENCH=$DEMO_DIR/bench
-stage world_bench       "$PYTHON" -m llava.data.world_bench --world "$WORLD" --out_dir "$BENCH" \
-                          --per_type "$BENCH_PER_TYPE"
+# Then, longest first, the encoder analyses of every training seed over Stage 1 and that seed's Stage-2 runs
+# (each results file is stamped with its train_seed so the report pairs DPO and GRPO with SFT seed by seed:
+# analysis/claims.py) and the world benchmark through lmms-eval's CLI with `--model pivot` for every language
+# model (llava.eval.run_many: one process per group of checkpoints, DEMO_JOBS groups, so lmms-eval's imports are
+# paid once per group).
+for S in $SEEDS; do
+  TRAINED=("stage1=$DEMO_DIR/stage1_full")
+  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  pstage "seg_probe_s$S"  seg_probe "$S" "$RESULTS/seed$S/seg_probe.json" "${TRAINED[@]}"
+done
 BENCH_TASKS=$("$PYTHON" -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks']))" "$BENCH/bench.json")
 MODELS=("stage1=$DEMO_DIR/stage1_full")
 for S in $SEEDS; do for C in "${CONDITIONS[@]}"; do MODELS+=("${C}_s$S=$DEMO_DIR/stage2/${C}_s$S"); done; done
@@ -169,10 +220,24 @@ for ((J = 0; J < DEMO_JOBS; J++)); do
   GROUP=()
   for ((i = J; i < ${#MODELS[@]}; i += DEMO_JOBS)); do GROUP+=("${MODELS[$i]}"); done
   [ ${#GROUP[@]} -gt 0 ] || continue
-  pstage "eval_world_$J" "$PYTHON" -m llava.eval.run_many --output_root "$DEMO_DIR/eval" "${GROUP[@]}" -- \
+  pstage "eval_world_$J" "$PYTHON" -m llava.eval.run_many --output_root "$DEMO_DIR/eval" --local_tasks_only "${GROUP[@]}" -- \
                           --tasks "$BENCH_TASKS" --include_path "$BENCH/tasks" --batch_size 16 --verbosity WARNING
 done
+for S in $SEEDS; do
+  TRAINED=("stage1=$DEMO_DIR/stage1_full")
+  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  pstage "linear_probe_s$S" linear_probe "$S" "$RESULTS/seed$S/linear_probe.json" "${TRAINED[@]}"
+done
+for S in $SEEDS; do
+  VISION=("original=$DEMO_DIR/original" "stage1=$DEMO_DIR/stage1_full")
+  for C in "${CONDITIONS[@]}"; do VISION+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  # shellcheck disable=SC2086
+  pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
+                          --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
+                          --output_dir "$RESULTS/seed$S/alignment"
+done
 pwait
+
 # Loss labels group the bars of Figure 2 (mean ± std over seeds); the controls get bars of their own.
 declare -A LOSS_LABEL=([sft]=sft [dpo]=dpo [grpo]=grpo [dpo_frozen]="dpo (frozen tower)" [dpo_flipped]=dpo_sign_flipped)
 TOWER_LABEL="\"vision_tower\": \"$(basename "$VISION_MODEL_VERSION")\""
@@ -193,38 +258,9 @@ done
 stage world_table       "$PYTHON" -m analysis.benchmarks "${LABELS_DIRS[@]}" --suite world \
                           --labels "$DEMO_DIR/eval/labels.json" --out_dir "$RESULTS/benchmarks"
 
-# shellcheck disable=SC2086
-pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
-                          --data_path "$DATA/mmpr_dpo.json" --image_folder "$WORLD" \
-                          --num_samples "$GRADCAM_SAMPLES" --steps $GRADCAM_STEPS --loss_types sft dpo grpo \
-                          --learning_rates sft="$LR_SFT" dpo="$LR_DPO" grpo="$LR_GRPO" --beta "$BETA" \
-                          --num_generations "$GRPO_G" --max_completion_length "$GRPO_MAX_TOKENS" --reward_funcs named_answer \
-                          --out_dir "$RESULTS/gradcam"
-# Encoder analyses once per training seed over original, Stage 1 and that seed's Stage-2 runs; each results
-# file is stamped with its train_seed so the report pairs DPO and GRPO with SFT seed by seed (analysis/claims.py).
-for S in $SEEDS; do
-  ENCODERS=("$DEMO_DIR/original" "$DEMO_DIR/stage1_full"); NAMES=(original stage1); VISION=()
-  for C in "${CONDITIONS[@]}"; do ENCODERS+=("$DEMO_DIR/stage2/${C}_s$S"); NAMES+=("$C"); done
-  for i in "${!NAMES[@]}"; do VISION+=("${NAMES[$i]}=${ENCODERS[$i]}"); done
-  OUT=$RESULTS/seed$S
-  pstage "linear_probe_s$S" "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
-                          --train_data "$WORLD/imagefolder" --train_split train --eval_data "$WORLD/imagefolder" \
-                          --eval_split val --feature_points encoder projector --methods logreg prototype \
-                          --seed "$S" --out "$OUT/linear_probe.json" --cache_dir "$DEMO_DIR/cache"
-  pstage "seg_probe_s$S"  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
-                          --data "$WORLD/ade" --num_classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --out "$OUT/seg_probe.json" \
-                          --first_seed $((S * SEG_SEEDS)) --max_train_images "$SEG_IMAGES" \
-                          --png_dir "$OUT/seg_examples" --cache_dir "$DEMO_DIR/cache" \
-                          --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the small demo runs 160
-  # shellcheck disable=SC2086
-  pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
-                          --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
-                          --output_dir "$OUT/alignment"
-done
-pwait
 for S in $SEEDS; do
   OUT=$RESULTS/seed$S
-  stage "label_s$S"       "$PYTHON" -m analysis.results_rows "$OUT/linear_probe.json" "$OUT/seg_probe.json" \
+  stage "label_s$S"       "$PYTHON" -m analysis.results_rows "$OUT"/linear_probe*.json "$OUT"/seg_probe*.json \
                           "$OUT"/alignment/*.json --set train_seed="$S"
 done
 stage report            "$PYTHON" -m analysis.report "$RESULTS" "$DEMO_DIR/report" --title "pivot miniature run ($DEMO_SCALE)" \

@@ -228,3 +228,35 @@ def test_run_many_rejects_bad_checkpoint_lists(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_many([good, good, "--output_root", str(tmp_path / "out")])
     assert "names must be unique" in capsys.readouterr().err
+
+
+def test_run_many_local_tasks_only_indexes_only_the_include_path(tmp_path, capsys):
+    from lmms_eval.tasks import TaskManager
+
+    from llava.eval.run_many import local_tasks_only
+    from llava.eval.run_many import main as run_many
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine_only\ndataset_path: x\noutput_type: generate_until\n")
+    import lmms_eval.__main__ as cli
+
+    with local_tasks_only():
+        indexed = cli.TaskManager("WARNING", include_path=str(tasks)).all_tasks
+    assert indexed == ["mine_only"]
+    assert cli.TaskManager is TaskManager  # restored after the block
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        run_many(
+            [
+                f"a={tmp_path}/ckpt",
+                "--output_root",
+                str(tmp_path / "out"),
+                "--local_tasks_only",
+                "--",
+                "--tasks",
+                "x",
+            ]
+        )
+    assert "needs lmms-eval's --include_path" in capsys.readouterr().err

@@ -8,6 +8,12 @@ Importing lmms-eval and torch costs more CPU than evaluating a tiny model on the
 benchmark, so the demo (scripts/demo.sh) evaluates its checkpoints this way. As the CLI exits 0
 even when an evaluation fails, each run must leave ``DIR/NAME/<model>/*_results.json`` or this fails
 naming the checkpoint.
+
+``--local_tasks_only`` indexes only the ``--include_path`` tasks: lmms-eval's CLI builds a ``TaskManager``
+over its ~6,400 built-in task YAMLs for every run (about 20 CPU s each, several times the cost of evaluating
+a tiny model on the world benchmark) and has no switch for the manager's ``include_defaults=False``, so
+this sets it for the runs of this process. A task not under ``--include_path`` is then not found and the
+run fails, as lmms-eval fails on any unknown task name.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 from llava.eval import LMMS_EVAL_MODEL_ID
 
@@ -29,6 +37,19 @@ def _named(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+@contextmanager
+def local_tasks_only():
+    """lmms-eval's CLI, while this is open, indexes only the tasks under --include_path."""
+    import lmms_eval.__main__ as cli
+    from lmms_eval.tasks import TaskManager
+
+    def without_defaults(*args, **kwargs) -> TaskManager:
+        return TaskManager(*args, **{**kwargs, "include_defaults": False})
+
+    with mock.patch.object(cli, "TaskManager", without_defaults):
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -39,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoints", nargs="+", type=_named, help="NAME=CHECKPOINT pairs")
     parser.add_argument("--output_root", required=True, type=Path, help="results go to OUTPUT_ROOT/NAME")
     parser.add_argument("--model_args", default="device=cpu", help="extra --model_args after pretrained=")
+    parser.add_argument(
+        "--local_tasks_only",
+        action="store_true",
+        help="index only the --include_path tasks, not lmms-eval's built-in ones (saves ~20 CPU s per run)",
+    )
     args = parser.parse_args(own)
     names = [name for name, _ in args.checkpoints]
     if len(set(names)) != len(names):
@@ -46,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for _, path in args.checkpoints:
         if not (path / "config.json").is_file():
             parser.error(f"{path}: not a checkpoint directory (no config.json)")
+    if args.local_tasks_only and not any(a.partition("=")[0] == "--include_path" for a in extra):
+        parser.error("--local_tasks_only needs lmms-eval's --include_path after --: it would find no tasks")
 
     from lmms_eval.__main__ import cli_evaluate
 
@@ -57,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[run_many] {' '.join(command)}", flush=True)
         saved, sys.argv = sys.argv, command
         try:
-            cli_evaluate()
+            with local_tasks_only() if args.local_tasks_only else nullcontext():
+                cli_evaluate()
         finally:
             sys.argv = saved
         if not any(out.glob("*/*_results.json")):
