@@ -1,4 +1,9 @@
-"""Shared pytest fixtures: offline environment and the tiny presets, written once per session."""
+"""Shared pytest fixtures: offline environment and the tiny presets, written once per session.
+
+`make test` runs the suite on two pytest-xdist workers with `--dist loadfile` (a worker runs all the tests of
+a module, so module fixtures are built once); session fixtures are built once per worker, except the smoke
+demo (tests/demo_fixture.py), which the workers share.
+"""
 
 from __future__ import annotations
 

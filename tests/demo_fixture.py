@@ -3,7 +3,9 @@
 `demo_dir` (session scope) runs the whole miniature pipeline into a temporary directory and returns it.
 Test modules import the fixture (`from demo_fixture import demo_dir`); pytest registers an imported
 fixture once per module, so the result is kept in a module-level cache and the demo runs only once even
-when several modules (tests/test_demo.py, tests/test_notebooks.py) use it.
+when several modules (tests/test_demo.py, tests/test_notebooks.py) use it. Under pytest-xdist (`make test`
+runs two workers) those modules may run on different workers: the first to need the demo runs it into the
+session's shared temporary root, holding a file lock, and the other waits for it and reuses its output.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TIMEOUT_S = 1500
@@ -41,5 +44,14 @@ def run_smoke_demo(out: Path) -> Path:
 def demo_dir(tmp_path_factory) -> Path:
     """Output directory of the smoke demo (tiny/, world/, data/, stage*/, results/, report/)."""
     if "smoke" not in _DEMOS:
-        _DEMOS["smoke"] = run_smoke_demo(tmp_path_factory.mktemp("demo") / "run")
+        shared = tmp_path_factory.getbasetemp()
+        if "PYTEST_XDIST_WORKER" in os.environ:
+            shared = shared.parent  # this session's root, above every worker's own basetemp
+        out, done = shared / "smoke_demo" / "run", shared / "smoke_demo.done"
+        with FileLock(str(shared / "smoke_demo.lock")):
+            if not done.exists():
+                out.parent.mkdir(exist_ok=True)
+                run_smoke_demo(out)
+                done.touch()
+        _DEMOS["smoke"] = out
     return _DEMOS["smoke"]

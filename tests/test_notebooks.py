@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import demo_fixture
@@ -28,7 +27,6 @@ EXPECTED = {
     "04_benchmark_tables",
 }
 CELL_TIMEOUT_S = 300
-NOTEBOOK_BUDGET_S = 120  # each is meant to take well under a minute on the smoke outputs
 # Checked before the demo fixture runs, so a missing package skips at once (pip install nbclient ipykernel).
 MISSING = [name for name in ("nbformat", "nbclient", "ipykernel") if importlib.util.find_spec(name) is None]
 
@@ -77,10 +75,7 @@ def test_notebook_runs_top_to_bottom_on_the_demo_outputs(path, demo_dir):
         timeout=CELL_TIMEOUT_S,
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
     )
-    started = time.perf_counter()
     client.execute(env=env)  # raises CellExecutionError with the failing cell's traceback
-    seconds = time.perf_counter() - started
-    assert seconds < NOTEBOOK_BUDGET_S, f"{path.name} took {seconds:.0f} s"
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     shown = [o for o in outputs if o.output_type in ("display_data", "execute_result")]
