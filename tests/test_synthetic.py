@@ -18,6 +18,7 @@ from PIL import Image
 from scipy import ndimage
 
 from llava.data.synthetic import WorldConfig, generate_world, load_world, main, make_preference_question
+from llava.data.synthetic_questions import feasible_questions
 from llava.data.synthetic_scene import (
     BACKGROUND_COLOURS,
     COLOURS,
@@ -165,10 +166,6 @@ def _final_answer(text: str) -> str:
     return match[1].lower()
 
 
-def _shape_of_plural(plural: str) -> str:
-    return next(s for s in SHAPES if plural in (f"{s}s", f"{s}es"))
-
-
 def _derive(question: str, pixels: np.ndarray, mask: np.ndarray) -> tuple[str, np.ndarray]:
     """Answer and the pixels it rests on, re-derived from the image and mask alone."""
     classes = ["unlabeled", *SHAPES]
@@ -185,14 +182,14 @@ def _derive(question: str, pixels: np.ndarray, mask: np.ndarray) -> tuple[str, n
         ids = np.unique(mask[region])
         assert len(ids) == 1, question
         return classes[int(ids[0])], region
-    if m := re.fullmatch(r"How many (\w+) are there in the image\?", question):
-        region = mask == classes.index(_shape_of_plural(m[1]))
-        return str(ndimage.label(region, structure=np.ones((3, 3)))[1]), region
-    if m := re.fullmatch(r"Is the (\w+) (\w+) to the left of the (\w+) (\w+)\?", question):
-        a = (mask == classes.index(m[2])) & _rgb(pixels, COLOURS[m[1]])
-        b = (mask == classes.index(m[4])) & _rgb(pixels, COLOURS[m[3]])
-        assert a.any() and b.any(), question
-        return ("yes" if np.nonzero(a)[1].mean() < np.nonzero(b)[1].mean() else "no"), a | b
+    if m := re.fullmatch(r"Is the (\w+) object on the left side of the image\?", question):
+        region = _rgb(pixels, COLOURS[m[1]])
+        x = np.nonzero(region)[1].mean()
+        width = pixels.shape[1]
+        assert region.any() and not width / 3 - 0.5 <= x < 2 * width / 3 - 0.5, (
+            question
+        )  # not the middle third
+        return ("yes" if x < width / 2 else "no"), region
     raise AssertionError(f"unexpected question {question!r}")
 
 
@@ -272,22 +269,70 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
                         assert all(shapes.count(x) > 1 for x in shapes)
                     elif question_type == "shape":
                         assert all(colours.count(x) > 1 for x in colours)
-                    else:
+                    else:  # position: every object of a unique colour is in the middle third
                         assert question_type == "position"
+                        width = scene.image_size
+                        for o in scene.objects:
+                            if colours.count(o.colour) == 1:
+                                x = np.nonzero(_rgb(np.asarray(image), COLOURS[o.colour]))[1].mean()
+                                assert width / 3 - 0.5 <= x < 2 * width / 3 - 0.5
                     continue
                 asked.add(question_type)
-                if question_type == "count":  # the most frequent shape is asked about
-                    shapes = [o.shape for o in scene.objects]
-                    assert int(record["answer"]) == max(shapes.count(x) for x in shapes)
+                if question_type == "count":  # every object is counted
+                    assert int(record["answer"]) == len(scene.objects)
                 assert record["answer_type"] == style and record["question_type"] == question_type
                 _check_record(record, np.asarray(image), mask)
                 _check_style(record)
     assert asked == {"colour", "shape", "count", "position"}
-    single = next(s for s in scenes if len(s.objects) == 1)
+    single = _scene(("circle", "red", 32))  # one object in the middle third
     with pytest.raises(ValueError, match="position"):
         make_preference_question(single, rng, question_type="position")
     with pytest.raises(ValueError, match="unknown question type"):
         make_preference_question(single, rng, question_type="size")
+
+
+def _scene(*objects: tuple[str, str, float]) -> Scene:
+    """A 64-px scene of large objects (shape, colour, centre x) on the middle row, drawn in order."""
+    made = tuple(make_object(shape, colour, "large", (x, 32.0), 9.0, 64) for shape, colour, x in objects)
+    return Scene(64, Background("solid", ("white",)), made)
+
+
+def test_position_asks_where_one_colour_lies_and_count_counts_every_object() -> None:
+    rng = np.random.default_rng(0)
+    cases = [  # (objects, position answer or None when nothing is clearly left or right of the centre)
+        ((("star", "red", 10),), "yes"),
+        ((("star", "red", 54),), "no"),
+        ((("star", "red", 32),), None),
+        ((("star", "blue", 10), ("circle", "blue", 54)), None),  # no colour is unique
+        ((("star", "blue", 10), ("circle", "blue", 54), ("square", "green", 50)), "no"),
+        ((("star", "blue", 32), ("circle", "orange", 12), ("square", "blue", 52)), "yes"),
+    ]
+    for objects, answer in cases:
+        scene = _scene(*objects)
+        for _ in range(5):
+            questions = feasible_questions(scene, rng)
+            count = questions["count"]
+            assert (count.text, count.answer) == (
+                "How many objects are there in the image?",
+                str(len(objects)),
+            )
+            assert count.wrong != count.answer and count.targets == tuple(range(len(objects)))
+            if answer is None:
+                assert "position" not in questions
+                continue
+            position = questions["position"]
+            colour = re.fullmatch(r"Is the (\w+) object on the left side of the image\?", position.text)[1]
+            assert position.answer == answer and position.wrong == {"yes": "no", "no": "yes"}[answer]
+            assert [c for _, c, _ in objects].count(colour) == 1
+            [target] = position.targets
+            assert scene.objects[target].colour == colour
+            side, other = ("left", "right") if answer == "yes" else ("right", "left")
+            assert (
+                position.statement
+                == f"{answer.capitalize()}, the {colour} object is on the {side} side of the image."
+            )
+            assert position.reason.endswith(f"on the {side} side of the image.")
+            assert position.wrong_reason.endswith(f"on the {other} side of the image.")
 
 
 def test_layout_matches_contract(world: Path) -> None:

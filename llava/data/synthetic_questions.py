@@ -3,14 +3,18 @@
 One builder per question type (colour, shape, count, position; :data:`QUESTION_BUILDERS`) asks a
 question that the scene answers unambiguously, or returns None when it cannot; :func:`feasible_questions`
 asks every type it can. :mod:`llava.data.synthetic` turns them into LLaVA instruct turns and MMPR
-preference pairs, :mod:`llava.data.world_bench` into the held-out benchmark. The count question asks
-about the scene's most frequent shape (ties at random): with a random shape "1" would be the answer 86 %
-of the time on the small world, with the most frequent shape 72 % (docs/DECISIONS.md, issue 14).
+preference pairs, :mod:`llava.data.world_bench` into the held-out benchmark. Count and position ask
+what the miniature's tiny tower carries (colour, location, how many objects; it does not tell shapes
+apart, docs/DECISIONS.md, issue 14): the count question counts every object in the scene ("How many
+objects are there in the image?", answers 1-4 about equally often, the stand-in for CV-Bench counting),
+and the position question asks whether the one object of a colour lies on the left side of the image,
+asked only about objects in the left or right third (the middle third is a margin). Counting one shape
+("How many triangles ...?") and relating two objects ("Is the red circle to the left of the blue
+square?") stayed at the majority answer because they need the shape the tower does not see.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +23,11 @@ import numpy as np
 
 from llava.data.synthetic_scene import (
     COLOURS,
-    PLURALS,
-    POSITION_MARGIN,
     REGION_NAMES,
     SHAPES,
     Scene,
     article,
+    region_cell,
     region_name,
     visible_centre,
     visible_masks,
@@ -63,13 +66,13 @@ def _wrong_value(rng: np.random.Generator, true: str, present: set[str], univers
     return pick(rng, pool)
 
 
-def _count_sentence(shape: str, places: Sequence[str]) -> str:
+def _count_sentence(places: Sequence[str]) -> str:
     if not places:
-        return f"I find no {PLURALS[shape]} in the image."
+        return "I find no objects in the image."
     if len(places) == 1:
-        return f"I find 1 {shape}, {places[0]}."
+        return f"I find 1 object, {places[0]}."
     ones = [f"one {p}" for p in places]
-    return f"I find {len(places)} {PLURALS[shape]}: {', '.join(ones[:-1])} and {ones[-1]}."
+    return f"I find {len(places)} objects: {', '.join(ones[:-1])} and {ones[-1]}."
 
 
 def _colour_question(
@@ -118,27 +121,21 @@ def _shape_question(
     )
 
 
-def _count_question(
-    scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
-) -> Question | None:
-    counts = Counter(o.shape for o in scene.objects)
-    most = max(counts.values())
-    shape = pick(rng, [s for s in SHAPES if counts[s] == most])  # the most frequent shape
-    targets = tuple(i for i, o in enumerate(scene.objects) if o.shape == shape)
+def _count_question(scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator) -> Question:
+    targets = tuple(range(len(scene.objects)))
     true = len(targets)
     wrong = pick(rng, [n for n in (true - 1, true + 1, true + 2) if n >= 0])
     places = [region_name(centres[i], scene.image_size) for i in targets]
     unused = [r for row in REGION_NAMES for r in row if r not in places]
     wrong_places = places[:wrong] + [pick(rng, unused) for _ in range(wrong - true)]
-    statement = f"There is 1 {shape}." if true == 1 else f"There are {true} {PLURALS[shape]}."
     return Question(
         "count",
-        f"How many {PLURALS[shape]} are there in the image?",
+        "How many objects are there in the image?",
         str(true),
         str(wrong),
-        _count_sentence(shape, places),
-        _count_sentence(shape, wrong_places),
-        statement,
+        _count_sentence(places),
+        _count_sentence(wrong_places),
+        "There is 1 object." if true == 1 else f"There are {true} objects.",
         targets,
     )
 
@@ -146,30 +143,26 @@ def _count_question(
 def _position_question(
     scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
 ) -> Question | None:
-    names = [o.phrase(with_size=False) for o in scene.objects]
-    unique = [i for i, n in enumerate(names) if names.count(n) == 1]
-    margin = POSITION_MARGIN * scene.image_size
-    pairs = [
-        (i, j) for i in unique for j in unique if i != j and abs(centres[i][0] - centres[j][0]) >= margin
-    ]
-    if not pairs:
+    colours = [o.colour for o in scene.objects]
+    cells = [region_cell(c, scene.image_size) for c in centres]
+    # the middle column is a margin: only objects clearly left or right of the image centre are asked about
+    candidates = [i for i, c in enumerate(colours) if colours.count(c) == 1 and cells[i][1] != 1]
+    if not candidates:
         return None
-    i, j = pick(rng, pairs)
-    a, b = names[i], names[j]
-    left = centres[i][0] < centres[j][0]
-    side, other = ("to the left of", "to the right of") if left else ("to the right of", "to the left of")
-    where_a = region_name(centres[i], scene.image_size)
-    where_b = region_name(centres[j], scene.image_size)
-    seen = f"The {a} is {where_a} and the {b} is {where_b}, so the {a} is"
+    i = pick(rng, candidates)
+    (row, col), colour = cells[i], colours[i]
+    left = col == 0
+    where, mirrored = REGION_NAMES[row][col], REGION_NAMES[row][2 - col]
+    side, other = ("left", "right") if left else ("right", "left")
     return Question(
         "position",
-        f"Is the {a} to the left of the {b}?",
+        f"Is the {colour} object on the left side of the image?",
         "yes" if left else "no",
         "no" if left else "yes",
-        f"{seen} {side} the {b}.",
-        f"{seen} {other} the {b}.",
-        f"{'Yes' if left else 'No'}, the {a} is {side} the {b}.",
-        (i, j),
+        f"The only {colour} object in the image is {where}, so it is on the {side} side of the image.",
+        f"The only {colour} object in the image is {mirrored}, so it is on the {other} side of the image.",
+        f"{'Yes' if left else 'No'}, the {colour} object is on the {side} side of the image.",
+        (i,),
     )
 
 
