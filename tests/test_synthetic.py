@@ -182,14 +182,11 @@ def _derive(question: str, pixels: np.ndarray, mask: np.ndarray) -> tuple[str, n
         ids = np.unique(mask[region])
         assert len(ids) == 1, question
         return classes[int(ids[0])], region
-    if m := re.fullmatch(r"Is the (\w+) object on the left side of the image\?", question):
-        region = _rgb(pixels, COLOURS[m[1]])
-        x = np.nonzero(region)[1].mean()
-        width = pixels.shape[1]
-        assert region.any() and not width / 3 - 0.5 <= x < 2 * width / 3 - 0.5, (
-            question
-        )  # not the middle third
-        return ("yes" if x < width / 2 else "no"), region
+    if m := re.fullmatch(r"Is the (\w+) (\w+) to the left of the (\w+) (\w+)\?", question):
+        a = (mask == classes.index(m[2])) & _rgb(pixels, COLOURS[m[1]])
+        b = (mask == classes.index(m[4])) & _rgb(pixels, COLOURS[m[3]])
+        assert a.any() and b.any(), question
+        return ("yes" if np.nonzero(a)[1].mean() < np.nonzero(b)[1].mean() else "no"), a | b
     raise AssertionError(f"unexpected question {question!r}")
 
 
@@ -269,13 +266,8 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
                         assert all(shapes.count(x) > 1 for x in shapes)
                     elif question_type == "shape":
                         assert all(colours.count(x) > 1 for x in colours)
-                    else:  # position: every object of a unique colour is in the middle third
+                    else:
                         assert question_type == "position"
-                        width = scene.image_size
-                        for o in scene.objects:
-                            if colours.count(o.colour) == 1:
-                                x = np.nonzero(_rgb(np.asarray(image), COLOURS[o.colour]))[1].mean()
-                                assert width / 3 - 0.5 <= x < 2 * width / 3 - 0.5
                     continue
                 asked.add(question_type)
                 if question_type == "count":  # every object is counted
@@ -284,55 +276,31 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
                 _check_record(record, np.asarray(image), mask)
                 _check_style(record)
     assert asked == {"colour", "shape", "count", "position"}
-    single = _scene(("circle", "red", 32))  # one object in the middle third
+    single = next(s for s in scenes if len(s.objects) == 1)
     with pytest.raises(ValueError, match="position"):
         make_preference_question(single, rng, question_type="position")
     with pytest.raises(ValueError, match="unknown question type"):
         make_preference_question(single, rng, question_type="size")
 
 
-def _scene(*objects: tuple[str, str, float]) -> Scene:
-    """A 64-px scene of large objects (shape, colour, centre x) on the middle row, drawn in order."""
-    made = tuple(make_object(shape, colour, "large", (x, 32.0), 9.0, 64) for shape, colour, x in objects)
-    return Scene(64, Background("solid", ("white",)), made)
-
-
-def test_position_asks_where_one_colour_lies_and_count_counts_every_object() -> None:
+def test_count_counts_every_object() -> None:
     rng = np.random.default_rng(0)
-    cases = [  # (objects, position answer or None when nothing is clearly left or right of the centre)
-        ((("star", "red", 10),), "yes"),
-        ((("star", "red", 54),), "no"),
-        ((("star", "red", 32),), None),
-        ((("star", "blue", 10), ("circle", "blue", 54)), None),  # no colour is unique
-        ((("star", "blue", 10), ("circle", "blue", 54), ("square", "green", 50)), "no"),
-        ((("star", "blue", 32), ("circle", "orange", 12), ("square", "blue", 52)), "yes"),
-    ]
-    for objects, answer in cases:
-        scene = _scene(*objects)
+    for n in range(1, 5):  # large stars side by side on the middle row
+        objects = tuple(make_object("star", "red", "large", (8.0 + 16 * k, 32.0), 7.0, 64) for k in range(n))
+        scene = Scene(64, Background("solid", ("white",)), objects)
         for _ in range(5):
-            questions = feasible_questions(scene, rng)
-            count = questions["count"]
-            assert (count.text, count.answer) == (
+            count = feasible_questions(scene, rng)["count"]
+            assert (count.text, count.answer, count.targets) == (
                 "How many objects are there in the image?",
-                str(len(objects)),
+                str(n),
+                tuple(range(n)),
             )
-            assert count.wrong != count.answer and count.targets == tuple(range(len(objects)))
-            if answer is None:
-                assert "position" not in questions
-                continue
-            position = questions["position"]
-            colour = re.fullmatch(r"Is the (\w+) object on the left side of the image\?", position.text)[1]
-            assert position.answer == answer and position.wrong == {"yes": "no", "no": "yes"}[answer]
-            assert [c for _, c, _ in objects].count(colour) == 1
-            [target] = position.targets
-            assert scene.objects[target].colour == colour
-            side, other = ("left", "right") if answer == "yes" else ("right", "left")
-            assert (
-                position.statement
-                == f"{answer.capitalize()}, the {colour} object is on the {side} side of the image."
+            assert count.statement == ("There is 1 object." if n == 1 else f"There are {n} objects.")
+            assert count.wrong != count.answer and count.reason.startswith(f"I find {n} object")
+            wrong = int(count.wrong)
+            assert count.wrong_reason.startswith(
+                "I find no objects" if wrong == 0 else f"I find {wrong} object"
             )
-            assert position.reason.endswith(f"on the {side} side of the image.")
-            assert position.wrong_reason.endswith(f"on the {other} side of the image.")
 
 
 def test_layout_matches_contract(world: Path) -> None:

@@ -63,6 +63,8 @@ MIN_VISIBLE_FRACTION = 0.6
 """Objects may overlap, but each keeps at least this fraction of its pixels visible."""
 
 MIN_VISIBLE_PIXELS = 12
+POSITION_MARGIN = 0.1
+"""Left/right relations are only stated when visible centres differ by this fraction of the width."""
 
 LABEL_MARGIN = 0.85
 """The image-level label is the largest object's shape or colour; objects differing from it in shape
@@ -445,16 +447,10 @@ REGION_NAMES: tuple[tuple[str, str, str], ...] = (
 """Names of the cells of a 3x3 grid over the image, by row then column."""
 
 
-def region_cell(centre: tuple[float, float], image_size: int) -> tuple[int, int]:
-    """``(row, column)`` of the cell of the 3x3 grid of :data:`REGION_NAMES` that holds a point."""
-    col = min(int(3 * (centre[0] + 0.5) / image_size), 2)
-    row = min(int(3 * (centre[1] + 0.5) / image_size), 2)
-    return row, col
-
-
 def region_name(centre: tuple[float, float], image_size: int) -> str:
     """Where a point lies on the 3x3 grid of :data:`REGION_NAMES`, e.g. ``"in the top left"``."""
-    row, col = region_cell(centre, image_size)
+    col = min(int(3 * (centre[0] + 0.5) / image_size), 2)
+    row = min(int(3 * (centre[1] + 0.5) / image_size), 2)
     return REGION_NAMES[row][col]
 
 

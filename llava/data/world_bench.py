@@ -7,7 +7,7 @@ its ``val`` split by default: images no training record shows), one question typ
     question type  Cambrian category  stands for
     colour         General            MME-P / SEED attribute questions
     shape          OCR & Chart        recognising a small form (a glyph, a chart mark)
-    position       Knowledge          a yes/no question: is the object of one colour on the left?
+    position       Knowledge          a yes/no reasoning question over two objects
     count          Vision-centric     CV-Bench-2D counting (every object in the image)
 
 Each type is written as two lmms-eval tasks that read local files only (``dataset_path`` is a
@@ -134,7 +134,7 @@ def candidate_statement(question: Question, value: str) -> str:
     """The answer ``value`` to ``question`` as the sentence Stage 1b teaches (``Question.statement``).
 
     ``"The circle is red."``, ``"The red object is a star."``, ``"There are 2 objects."``, ``"No, the red
-    object is on the right side of the image."``; for the true answer it equals ``question.statement``.
+    circle is to the right of the blue star."``; for the true answer it equals ``question.statement``.
     """
     kind = question.question_type
     if kind == "colour":
@@ -147,11 +147,10 @@ def candidate_statement(question: Question, value: str) -> str:
         _group(re.fullmatch(r"(How many objects are there in the image)\?", question.text), question)
         return "There is 1 object." if value == "1" else f"There are {value} objects."
     if kind == "position":
-        colour = _group(
-            re.fullmatch(r"Is the (.+) object on the left side of the image\?", question.text), question
-        )
-        side = "left" if value == "yes" else "right"
-        return f"{value.capitalize()}, the {colour} object is on the {side} side of the image."
+        pair = re.fullmatch(r"Is the (.+) to the left of the (.+)\?", question.text)
+        a, b = _group(pair, question), str(pair.group(2))
+        side = "to the left of" if value == "yes" else "to the right of"
+        return f"{value.capitalize()}, the {a} is {side} the {b}."
     raise ValueError(f"unknown question type {kind!r}")
 
 
