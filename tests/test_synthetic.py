@@ -18,6 +18,7 @@ from PIL import Image
 from scipy import ndimage
 
 from llava.data.synthetic import WorldConfig, generate_world, load_world, main, make_preference_question
+from llava.data.synthetic_questions import feasible_questions
 from llava.data.synthetic_scene import (
     BACKGROUND_COLOURS,
     COLOURS,
@@ -165,10 +166,6 @@ def _final_answer(text: str) -> str:
     return match[1].lower()
 
 
-def _shape_of_plural(plural: str) -> str:
-    return next(s for s in SHAPES if plural in (f"{s}s", f"{s}es"))
-
-
 def _derive(question: str, pixels: np.ndarray, mask: np.ndarray) -> tuple[str, np.ndarray]:
     """Answer and the pixels it rests on, re-derived from the image and mask alone."""
     classes = ["unlabeled", *SHAPES]
@@ -185,9 +182,6 @@ def _derive(question: str, pixels: np.ndarray, mask: np.ndarray) -> tuple[str, n
         ids = np.unique(mask[region])
         assert len(ids) == 1, question
         return classes[int(ids[0])], region
-    if m := re.fullmatch(r"How many (\w+) are there in the image\?", question):
-        region = mask == classes.index(_shape_of_plural(m[1]))
-        return str(ndimage.label(region, structure=np.ones((3, 3)))[1]), region
     if m := re.fullmatch(r"Is the (\w+) (\w+) to the left of the (\w+) (\w+)\?", question):
         a = (mask == classes.index(m[2])) & _rgb(pixels, COLOURS[m[1]])
         b = (mask == classes.index(m[4])) & _rgb(pixels, COLOURS[m[3]])
@@ -276,9 +270,8 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
                         assert question_type == "position"
                     continue
                 asked.add(question_type)
-                if question_type == "count":  # the most frequent shape is asked about
-                    shapes = [o.shape for o in scene.objects]
-                    assert int(record["answer"]) == max(shapes.count(x) for x in shapes)
+                if question_type == "count":  # every object is counted
+                    assert int(record["answer"]) == len(scene.objects)
                 assert record["answer_type"] == style and record["question_type"] == question_type
                 _check_record(record, np.asarray(image), mask)
                 _check_style(record)
@@ -288,6 +281,26 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
         make_preference_question(single, rng, question_type="position")
     with pytest.raises(ValueError, match="unknown question type"):
         make_preference_question(single, rng, question_type="size")
+
+
+def test_count_counts_every_object() -> None:
+    rng = np.random.default_rng(0)
+    for n in range(1, 5):  # large stars side by side on the middle row
+        objects = tuple(make_object("star", "red", "large", (8.0 + 16 * k, 32.0), 7.0, 64) for k in range(n))
+        scene = Scene(64, Background("solid", ("white",)), objects)
+        for _ in range(5):
+            count = feasible_questions(scene, rng)["count"]
+            assert (count.text, count.answer, count.targets) == (
+                "How many objects are there in the image?",
+                str(n),
+                tuple(range(n)),
+            )
+            assert count.statement == ("There is 1 object." if n == 1 else f"There are {n} objects.")
+            assert count.wrong != count.answer and count.reason.startswith(f"I find {n} object")
+            wrong = int(count.wrong)
+            assert count.wrong_reason.startswith(
+                "I find no objects" if wrong == 0 else f"I find {wrong} object"
+            )
 
 
 def test_layout_matches_contract(world: Path) -> None:

@@ -116,11 +116,14 @@ def test_candidates_are_stage1_statements_differing_only_in_the_answer():
     shape = question("shape", "What shape is the red object?", "star", "The red object is a star.")
     assert candidate_statement(shape, "circle") == "The red object is a circle."
     assert candidate_statement(shape, "diamond") == "The red object is a diamond."
-    count = question("count", "How many crosses are there in the image?", "1", "There is 1 cross.")
-    assert candidate_statement(count, "3") == "There are 3 crosses."
+    count = question("count", "How many objects are there in the image?", "1", "There is 1 object.")
+    assert candidate_statement(count, "1") == count.statement
+    assert candidate_statement(count, "3") == "There are 3 objects."
     text = "Is the red star to the left of the blue circle?"
     left = question("position", text, "no", "No, the red star is to the right of the blue circle.")
     assert candidate_statement(left, "yes") == "Yes, the red star is to the left of the blue circle."
+    with pytest.raises(ValueError, match="does not match its template"):
+        candidate_statement(question("count", "How many crosses are there in the image?", "1", ""), "1")
     with pytest.raises(ValueError, match="does not match its template"):
         candidate_statement(question("colour", "Which colour?", "red", ""), "red")
 

@@ -145,13 +145,6 @@ def make_preference_question(
 def make_instruct_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 4) -> list[dict]:
     """LLaVA conversation turns: 2..``max_turns`` distinct questions with correct sentence answers."""
     pairs = [(q.text, q.statement) for q in feasible_questions(scene, rng).values()]
-    n = len(scene.objects)
-    pairs.append(
-        (
-            "How many objects are there in the image?",
-            "There is 1 object." if n == 1 else f"There are {n} objects.",
-        )
-    )
     pairs.append(("Describe the image briefly.", f"{describe_scene(scene).capitalize()}."))
     order = rng.permutation(len(pairs))[: int(rng.integers(2, min(max_turns, len(pairs)) + 1))]
     turns: list[dict] = []

@@ -8,7 +8,7 @@ its ``val`` split by default: images no training record shows), one question typ
     colour         General            MME-P / SEED attribute questions
     shape          OCR & Chart        recognising a small form (a glyph, a chart mark)
     position       Knowledge          a yes/no reasoning question over two objects
-    count          Vision-centric     CV-Bench-2D counting
+    count          Vision-centric     CV-Bench-2D counting (every object in the image)
 
 Each type is written as two lmms-eval tasks that read local files only (``dataset_path`` is a
 ``DatasetDict.save_to_disk`` directory with ``load_from_disk: true``; no hub):
@@ -26,10 +26,9 @@ Questions are :func:`llava.data.synthetic_questions.feasible_questions` of each 
 the scene can ask unambiguously), drawn from ``SeedSequence([seed, image index])``: the same world and
 seed give the same questions. Each type's answers are then balanced (:func:`balance_answers`: the
 questions interleaved by answer value, cut where the most common answer would outnumber the runner-up),
-so that always answering one value scores no more than the runner-up value would: colour, shape and
-position come out uniform, count (scenes rarely repeat a shape) has as many 1s as 2s plus the few 3s
-(small demo, 48 per type: 20/20/8, always-majority 41.7 % against chance 25 %; the first 48 questions
-before balancing had 40 answers "1", 83 %). ``python -m llava.data.world_bench --world DIR --out_dir DIR``
+so that always answering one value scores no more than the runner-up value would: on the small demo
+(48 per type) every type comes out uniform (colour and shape 8 per value, position 24/24, count 12 each of
+1-4: always-majority = chance). ``python -m llava.data.world_bench --world DIR --out_dir DIR``
 writes ``data/<type>/``, ``tasks/*.yaml`` + ``tasks/utils.py`` (for ``lmms_eval --include_path``) and
 ``bench.json`` (per task: questions, the answer counts, the always-majority and chance accuracies, the
 feasible questions and how many of them balancing dropped). The task functions that lmms-eval
@@ -54,7 +53,7 @@ from PIL import Image
 
 from llava.data.synthetic import QUESTION_TYPES, load_world
 from llava.data.synthetic_questions import Question, feasible_questions
-from llava.data.synthetic_scene import COLOURS, PLURALS, SHAPES, article, scene_from_dict
+from llava.data.synthetic_scene import COLOURS, SHAPES, article, scene_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def answer_set(question_type: str, max_objects: int) -> list[str]:
     sets = {
         "colour": list(COLOURS),
         "shape": list(SHAPES),
-        "count": [str(n) for n in range(1, max_objects + 1)],  # the asked shape is always present
+        "count": [str(n) for n in range(1, max_objects + 1)],  # every object is counted
         "position": ["yes", "no"],
     }
     if question_type not in sets:
@@ -134,7 +133,7 @@ def answer_set(question_type: str, max_objects: int) -> list[str]:
 def candidate_statement(question: Question, value: str) -> str:
     """The answer ``value`` to ``question`` as the sentence Stage 1b teaches (``Question.statement``).
 
-    ``"The circle is red."``, ``"The red object is a star."``, ``"There are 2 stars."``, ``"No, the red
+    ``"The circle is red."``, ``"The red object is a star."``, ``"There are 2 objects."``, ``"No, the red
     circle is to the right of the blue star."``; for the true answer it equals ``question.statement``.
     """
     kind = question.question_type
@@ -145,11 +144,8 @@ def candidate_statement(question: Question, value: str) -> str:
         colour = re.fullmatch(r"What shape is the (.+) object\?", question.text)
         return f"The {_group(colour, question)} object is {article(value)} {value}."
     if kind == "count":
-        plural = _group(re.fullmatch(r"How many (.+) are there in the image\?", question.text), question)
-        shape = next((s for s, p in PLURALS.items() if p == plural), None)
-        if shape is None:
-            raise ValueError(f"count question {question.text!r}: unknown plural {plural!r}")
-        return f"There is 1 {shape}." if value == "1" else f"There are {value} {plural}."
+        _group(re.fullmatch(r"(How many objects are there in the image)\?", question.text), question)
+        return "There is 1 object." if value == "1" else f"There are {value} objects."
     if kind == "position":
         pair = re.fullmatch(r"Is the (.+) to the left of the (.+)\?", question.text)
         a, b = _group(pair, question), str(pair.group(2))
