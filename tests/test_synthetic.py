@@ -17,7 +17,14 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from llava.data.synthetic import WorldConfig, generate_world, load_world, main, make_preference_question
+from llava.data.synthetic import (
+    ANSWER_STYLES,
+    WorldConfig,
+    generate_world,
+    load_world,
+    main,
+    make_preference_question,
+)
 from llava.data.synthetic_questions import feasible_questions
 from llava.data.synthetic_scene import (
     BACKGROUND_COLOURS,
@@ -159,10 +166,14 @@ def test_boxes_contain_object_pixels(scenes: list[Scene]) -> None:
                 assert mine.any() and not (mine & ~inside).any()
 
 
-def _final_answer(text: str) -> str:
+def _final_answer(text: str, question_type: str) -> str:
     body = re.sub(r"<think>.*?</think>", "", text, flags=re.S).strip()
     match = re.search(r"answer is (\w+)\.$", body) or re.fullmatch(r"(\w+)\.", body)
-    assert match, f"no final answer in {text!r}"
+    if match is None:  # the statement style: the one value of the type the sentence names
+        words = re.findall(r"[a-z]+|\d+", body.lower())
+        named = [w for w in words if (w.isdigit() if question_type == "count" else w in VOCAB[question_type])]
+        assert len(named) == 1, f"no single final answer in {text!r}"
+        return named[0]
     return match[1].lower()
 
 
@@ -213,10 +224,10 @@ def _check_record(record: dict, pixels: np.ndarray, mask: np.ndarray) -> None:
     question = record["question"]
     assert question.startswith("<image>\n")
     truth, region = _derive(question.removeprefix("<image>\n"), pixels, mask)
-    chosen, rejected = _final_answer(record["chosen"]), _final_answer(record["rejected"])
+    kind = record["question_type"]
+    chosen, rejected = _final_answer(record["chosen"], kind), _final_answer(record["rejected"], kind)
     assert chosen == truth, record
     assert rejected != truth, record
-    kind = record["question_type"]
     assert rejected.isdigit() if kind == "count" else rejected in VOCAB[kind]
     x0, y0, x1, y1 = record["box"]
     ys, xs = np.nonzero(region)
@@ -224,12 +235,12 @@ def _check_record(record: dict, pixels: np.ndarray, mask: np.ndarray) -> None:
 
 
 def _check_style(record: dict) -> None:
-    """short < 30 words; medium 30-59 words; long > 100 words (no tags); think = one tag pair."""
+    """short and statement < 30 words; medium 30-59 words; long > 100 words (no tags); think = one tag pair."""
     style = record["answer_type"]
     for text in (record["chosen"], record["rejected"]):
         words = len(text.split())
         tagged = "<think>" in text or "</think>" in text
-        if style == "short":
+        if style in ("short", "statement"):
             assert words < 30 and not tagged
         elif style == "medium":
             assert 30 <= words < 60 and not tagged, text
@@ -246,7 +257,7 @@ def test_preference_answers_checked_against_pixels(world: Path) -> None:
         _check_record(record, *_load(world, image_path))
         _check_style(record)
     assert {r["question_type"] for _, r in records} == {"colour", "shape", "count", "position"}
-    assert {r["answer_type"] for _, r in records} == {"short", "medium", "long", "think"}
+    assert {r["answer_type"] for _, r in records} == set(ANSWER_STYLES)
 
 
 def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> None:
@@ -255,7 +266,7 @@ def test_every_question_type_and_style_on_fresh_scenes(scenes: list[Scene]) -> N
     for scene in scenes:
         image, mask = render_scene(scene)
         for question_type in ("colour", "shape", "count", "position"):
-            for style in ("short", "medium", "long", "think"):
+            for style in ANSWER_STYLES:
                 try:
                     record = make_preference_question(scene, rng, question_type=question_type, style=style)
                 except ValueError as err:

@@ -5,11 +5,12 @@ seed and writes the layout of docs/CONTRACTS.md §2: plain images, an ADE20K-sty
 an image-level ImageFolder set, PRH-style image-caption pairs, LLaVA Stage-1a (caption) and
 Stage-1b (multi-turn QA) records, and MMPR-v1.2-style preference data (DESIGN §3) whose chosen
 answers are correct by construction and whose rejected answers are plausible but wrong
-(hallucinated object, wrong attribute, wrong count). Chosen answers come in four styles
-(``answer_type``): ``short`` (< 30 words), ``medium`` (30-59 words, no tags), ``long``
-(> 100 words, step by step) and ``think`` (``<think>...</think>`` tags), so that the paper's
-Under30 / NoThink / new-distribution filters (Song et al. 2025, appendix E) have work to do.
-Every final answer is one word (colour, shape, digit, yes/no): ``"Red."`` or ``"... the answer is red."``.
+(hallucinated object, wrong attribute, wrong count). Chosen answers come in five styles
+(``answer_type``): ``short`` (one word), ``statement`` (the answer sentence Stage 1b teaches, e.g.
+``"The circle is red."``), ``medium`` (30-59 words, no tags), ``long`` (> 100 words, step by step) and
+``think`` (``<think>...</think>`` tags), so that the paper's Under30 / NoThink / new-distribution
+filters (Song et al. 2025, appendix E) have work to do. Every final answer is one value (colour, shape,
+digit, yes/no): ``"Red."``, ``"The circle is red."`` or ``"... the answer is red."``.
 The questions and their right and wrong answers come from :mod:`llava.data.synthetic_questions`.
 Same seed, same bytes. Run ``python -m llava.data.synthetic --out_dir DIR`` to write a world.
 """
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from llava.data.synthetic_questions import Question, feasible_questions, pick
+from llava.data.synthetic_questions import Question, candidate_statement, feasible_questions, pick
 from llava.data.synthetic_scene import (
     BACKGROUND_COLOURS,
     COLOURS,
@@ -48,8 +49,13 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "position")
-ANSWER_STYLES: dict[str, float] = {"short": 0.4, "medium": 0.2, "long": 0.2, "think": 0.2}
-"""Style of a chosen/rejected pair (``answer_type``) and how often it is drawn."""
+ANSWER_STYLES: dict[str, float] = {"short": 0.2, "statement": 0.2, "medium": 0.2, "long": 0.2, "think": 0.2}
+"""Style of a chosen/rejected pair (``answer_type``) and how often it is drawn. ``statement`` answers in
+the sentence Stage 1b teaches and the world benchmark's candidates use ("The circle is red." vs "The
+circle is blue."): without it no preference pair is in the benchmark's answer form, and DPO and its
+sign-flipped control reached the benchmark only through a global shift of the answer distribution
+(docs/DECISIONS.md, issue 14). One draw picks the style whatever the table holds, so the rest of the
+world's text keeps its random stream."""
 MEDIUM_MIN_WORDS = 30
 ANSWER_VALUES: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
@@ -77,6 +83,8 @@ def format_answer(question: Question, style: str, background: str, correct: bool
     reason = question.reason if correct else question.wrong_reason
     if style == "short":
         return f"{answer.capitalize()}."
+    if style == "statement":
+        return candidate_statement(question, answer)
     if style == "medium":
         check = "To be sure, I looked at this part of the image once more."
         if len(f"{reason} {check}".split()) < MEDIUM_MIN_WORDS - 5:

@@ -14,6 +14,7 @@ the majority answer (same section).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,36 @@ QUESTION_BUILDERS: dict[
     "count": _count_question,
     "position": _position_question,
 }
+
+
+def candidate_statement(question: Question, value: str) -> str:
+    """The answer ``value`` to ``question`` as the sentence Stage 1b teaches (``Question.statement``).
+
+    ``"The circle is red."``, ``"The red object is a star."``, ``"There are 2 objects."``, ``"No, the red
+    circle is to the right of the blue star."``; for the true answer it equals ``question.statement``.
+    """
+    kind = question.question_type
+    if kind == "colour":
+        shape = re.fullmatch(r"What colour is the (.+)\?", question.text)
+        return f"The {_group(shape, question)} is {value}."
+    if kind == "shape":
+        colour = re.fullmatch(r"What shape is the (.+) object\?", question.text)
+        return f"The {_group(colour, question)} object is {article(value)} {value}."
+    if kind == "count":
+        _group(re.fullmatch(r"(How many objects are there in the image)\?", question.text), question)
+        return "There is 1 object." if value == "1" else f"There are {value} objects."
+    if kind == "position":
+        pair = re.fullmatch(r"Is the (.+) to the left of the (.+)\?", question.text)
+        a, b = _group(pair, question), str(pair.group(2))
+        side = "to the left of" if value == "yes" else "to the right of"
+        return f"{value.capitalize()}, the {a} is {side} the {b}."
+    raise ValueError(f"unknown question type {kind!r}")
+
+
+def _group(match: re.Match | None, question: Question) -> str:
+    if match is None:
+        raise ValueError(f"{question.question_type} question {question.text!r} does not match its template")
+    return match.group(1)
 
 
 def feasible_questions(scene: Scene, rng: np.random.Generator) -> dict[str, Question]:

@@ -52,8 +52,8 @@ import numpy as np
 from PIL import Image
 
 from llava.data.synthetic import QUESTION_TYPES, load_world
-from llava.data.synthetic_questions import Question, feasible_questions
-from llava.data.synthetic_scene import COLOURS, SHAPES, article, scene_from_dict
+from llava.data.synthetic_questions import candidate_statement, feasible_questions
+from llava.data.synthetic_scene import COLOURS, SHAPES, scene_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -128,36 +128,6 @@ def answer_set(question_type: str, max_objects: int) -> list[str]:
     if question_type not in sets:
         raise ValueError(f"unknown question type {question_type!r}; known: {sorted(sets)}")
     return sets[question_type]
-
-
-def candidate_statement(question: Question, value: str) -> str:
-    """The answer ``value`` to ``question`` as the sentence Stage 1b teaches (``Question.statement``).
-
-    ``"The circle is red."``, ``"The red object is a star."``, ``"There are 2 objects."``, ``"No, the red
-    circle is to the right of the blue star."``; for the true answer it equals ``question.statement``.
-    """
-    kind = question.question_type
-    if kind == "colour":
-        shape = re.fullmatch(r"What colour is the (.+)\?", question.text)
-        return f"The {_group(shape, question)} is {value}."
-    if kind == "shape":
-        colour = re.fullmatch(r"What shape is the (.+) object\?", question.text)
-        return f"The {_group(colour, question)} object is {article(value)} {value}."
-    if kind == "count":
-        _group(re.fullmatch(r"(How many objects are there in the image)\?", question.text), question)
-        return "There is 1 object." if value == "1" else f"There are {value} objects."
-    if kind == "position":
-        pair = re.fullmatch(r"Is the (.+) to the left of the (.+)\?", question.text)
-        a, b = _group(pair, question), str(pair.group(2))
-        side = "to the left of" if value == "yes" else "to the right of"
-        return f"{value.capitalize()}, the {a} is {side} the {b}."
-    raise ValueError(f"unknown question type {kind!r}")
-
-
-def _group(match: re.Match | None, question: Question) -> str:
-    if match is None:
-        raise ValueError(f"{question.question_type} question {question.text!r} does not match its template")
-    return match.group(1)
 
 
 def parse_answer(text: str, values: Sequence[str]) -> str | None:
