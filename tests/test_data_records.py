@@ -194,3 +194,20 @@ def test_load_image_errors_and_rgb(tmp_path):
     Image.new("LA", (5, 3), (7, 128)).save(grey)
     image = load_image(str(grey), "r3", SOURCE)
     assert image.mode == "RGB" and image.size == (5, 3) and image.getpixel((0, 0)) == (7, 7, 7)
+
+
+def test_load_image_refuses_a_truncated_file_whatever_pils_global_flag(tmp_path, monkeypatch):
+    """lmms-eval sets PIL's ImageFile.LOAD_TRUNCATED_IMAGES on import; load_image must still refuse."""
+    import numpy as np
+    from PIL import Image, ImageFile
+
+    full = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(full)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(UnreadableImageError, match="truncated.png") as info:
+        load_image(str(truncated), "r4", SOURCE)
+    assert_names_file_and_id(info.value, "r4")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process-wide setting is left as it was
+    assert load_image(str(full), "r5", SOURCE).size == (64, 64)
