@@ -86,17 +86,32 @@ run_stage() {  # run_stage NAME COMMAND...: run one stage, log its output, print
 stage() { run_stage "$@" || exit 1; }
 
 # Independent stages run DEMO_JOBS at a time, one torch thread each: background COMMAND... starts a command (a
-# stage, or a function running several stages in order) once a slot is free; pwait waits for all of them.
-# Callers queue the longest jobs first, so that the last ones to finish are short.
+# stage, or a function running several stages in order) once a slot is free; pwait waits for all of them and
+# fails if any failed. The jobs are tracked by pid (bash's `jobs` listing, read through a command substitution,
+# missed running jobs and let pwait return early). Callers queue the longest jobs first, so that the last ones to
+# finish are short.
 DEMO_JOBS=${DEMO_JOBS:-2}
+PIDS=()
 background() {
-  while [ "$(jobs -rp | wc -l)" -ge "$DEMO_JOBS" ]; do wait -n || { pwait; exit 1; }; done
+  local pid running failed=0
+  while :; do
+    running=()
+    for pid in "${PIDS[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then running+=("$pid"); else wait "$pid" || failed=1; fi
+    done
+    PIDS=("${running[@]}")
+    [ "$failed" = 0 ] || { pwait; exit 1; }
+    [ "${#PIDS[@]}" -lt "$DEMO_JOBS" ] && break
+    wait -n 2>/dev/null || sleep 1  # returns when a job ends (at once if bash has none left to report)
+  done
   ( "$@" ) &
+  PIDS+=("$!")
 }
 pstage() { background run_stage "$@"; }
 pwait() {
   local failed=0 pid
-  for pid in $(jobs -p); do wait "$pid" || failed=1; done
+  for pid in "${PIDS[@]}"; do wait "$pid" || failed=1; done
+  PIDS=()
   [ "$failed" = 0 ] || exit 1
 }
 
@@ -190,11 +205,22 @@ stage2() {  # stage2 CONDITION SEED: one Stage-2 run into $DEMO_DIR/stage2/CONDI
     MAX_COMPLETION_LENGTH="$GRPO_MAX_TOKENS" REWARD_FUNCS=named_answer REWARD_WEIGHTS=1 \
     bash "scripts/train/$script" --save_strategy no "${extra[@]}"
 }
-# Queued longest first (GRPO, the DPO runs, SFT; Grad-CAM of the Stage-1 checkpoint last), so that the runs
-# finishing last are short ones.
+# Queued longest first (GRPO, the DPO runs, SFT), so that the runs finishing last are short ones.
 for C in grpo dpo dpo_frozen dpo_flipped sft; do
   [[ " ${CONDITIONS[*]} " == *" $C "* ]] || continue
   for S in $SEEDS; do pstage "stage2_${C}_s$S" stage2 "$C" "$S"; done
+done
+pwait
+
+# Then, longest first: the encoder analyses of every training seed over Stage 1 and that seed's Stage-2 runs (each
+# results file is stamped with its train_seed so the report pairs DPO and GRPO with SFT seed by seed:
+# analysis/claims.py), Grad-CAM of the Stage-1 checkpoint, and the world benchmark through lmms-eval's CLI with
+# `--model pivot` for every language model (llava.eval.run_many: one process per group of checkpoints, DEMO_JOBS
+# groups, so lmms-eval's imports are paid once per group).
+for S in $SEEDS; do
+  TRAINED=("stage1=$DEMO_DIR/stage1_full")
+  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  pstage "seg_probe_s$S"  seg_probe "$S" "$RESULTS/seed$S/seg_probe.json" "${TRAINED[@]}"
 done
 # shellcheck disable=SC2086
 pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/stage1_full" \
@@ -203,18 +229,6 @@ pstage gradcam          "$PYTHON" -m analysis.gradcam --checkpoint "$DEMO_DIR/st
                           --learning_rates sft="$LR_SFT" dpo="$LR_DPO" grpo="$LR_GRPO" --beta "$BETA" \
                           --num_generations "$GRPO_G" --max_completion_length "$GRPO_MAX_TOKENS" --reward_funcs named_answer \
                           --out_dir "$RESULTS/gradcam"
-pwait
-
-# Then, longest first, the encoder analyses of every training seed over Stage 1 and that seed's Stage-2 runs
-# (each results file is stamped with its train_seed so the report pairs DPO and GRPO with SFT seed by seed:
-# analysis/claims.py) and the world benchmark through lmms-eval's CLI with `--model pivot` for every language
-# model (llava.eval.run_many: one process per group of checkpoints, DEMO_JOBS groups, so lmms-eval's imports are
-# paid once per group).
-for S in $SEEDS; do
-  TRAINED=("stage1=$DEMO_DIR/stage1_full")
-  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
-  pstage "seg_probe_s$S"  seg_probe "$S" "$RESULTS/seed$S/seg_probe.json" "${TRAINED[@]}"
-done
 BENCH_TASKS=$("$PYTHON" -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['tasks']))" "$BENCH/bench.json")
 MODELS=("stage1=$DEMO_DIR/stage1_full")
 for S in $SEEDS; do for C in "${CONDITIONS[@]}"; do MODELS+=("${C}_s$S=$DEMO_DIR/stage2/${C}_s$S"); done; done
