@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEMO_SCALE=${DEMO_SCALE:-small}   # smoke (CI, ~2 min) | small (default, < 15 min on 2 cores) | medium
+DEMO_SCALE=${DEMO_SCALE:-small}   # smoke (CI, ~2 min) | small (default, ~17 min on 2 idle cores) | medium
 DEMO_DIR=${DEMO_DIR:-runs/demo}
 SEED=${SEED:-0}
 PYTHON=${PYTHON:-python}
