@@ -145,18 +145,23 @@ pwait
 
 # Encoder analyses (one results file per call; analysis.report reads them all): linear_probe / seg_probe SEED OUT
 # NAME=MODEL... probe the world's label and its colour masks; each training seed draws its own probe seeds.
+split_named() {  # split_named NAME=MODEL...: sets NAMES and ENCODERS
+  local pair
+  NAMES=(); ENCODERS=()
+  for pair in "$@"; do NAMES+=("${pair%%=*}"); ENCODERS+=("${pair#*=}"); done
+}
 linear_probe() {
-  local seed=$1 out=$2 names=() encoders=() pair; shift 2
-  for pair in "$@"; do names+=("${pair%%=*}"); encoders+=("${pair#*=}"); done
-  "$PYTHON" -m analysis.linear_probe --encoders "${encoders[@]}" --run_names "${names[@]}" \
+  local seed=$1 out=$2; shift 2
+  split_named "$@"
+  "$PYTHON" -m analysis.linear_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" \
     --train_data "$WORLD/imagefolder" --train_split train --eval_data "$WORLD/imagefolder" --eval_split val \
     --feature_points encoder projector --methods logreg prototype --seed "$seed" --out "$out" \
     --cache_dir "$DEMO_DIR/cache"
 }
 seg_probe() {
-  local seed=$1 out=$2 names=() encoders=() pair; shift 2
-  for pair in "$@"; do names+=("${pair%%=*}"); encoders+=("${pair#*=}"); done
-  "$PYTHON" -m analysis.seg_probe --encoders "${encoders[@]}" --run_names "${names[@]}" --data "$WORLD/ade" \
+  local seed=$1 out=$2; shift 2
+  split_named "$@"
+  "$PYTHON" -m analysis.seg_probe --encoders "${ENCODERS[@]}" --run_names "${NAMES[@]}" --data "$WORLD/ade" \
     --num_classes "$SEG_CLASSES" --seeds "$SEG_SEEDS" --first_seed $((seed * SEG_SEEDS)) --out "$out" \
     --max_train_images "$SEG_IMAGES" --png_dir "$(dirname "$out")/seg_examples" --cache_dir "$DEMO_DIR/cache" \
     --warmup_steps 8  # patch-seg warms up 500 of ~3,160 steps; the small demo runs 160
@@ -217,9 +222,13 @@ pwait
 # analysis/claims.py), Grad-CAM of the Stage-1 checkpoint, and the world benchmark through lmms-eval's CLI with
 # `--model pivot` for every language model (llava.eval.run_many: one process per group of checkpoints, DEMO_JOBS
 # groups, so lmms-eval's imports are paid once per group).
-for S in $SEEDS; do
+trained() {  # trained SEED: sets TRAINED to NAME=MODEL of Stage 1 and that seed's Stage-2 runs
+  local C
   TRAINED=("stage1=$DEMO_DIR/stage1_full")
-  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$1"); done
+}
+for S in $SEEDS; do
+  trained "$S"
   pstage "seg_probe_s$S"  seg_probe "$S" "$RESULTS/seed$S/seg_probe.json" "${TRAINED[@]}"
 done
 # shellcheck disable=SC2086
@@ -240,15 +249,14 @@ for ((J = 0; J < DEMO_JOBS; J++)); do
                           --tasks "$BENCH_TASKS" --include_path "$BENCH/tasks" --batch_size 16 --verbosity WARNING
 done
 for S in $SEEDS; do
-  TRAINED=("stage1=$DEMO_DIR/stage1_full")
-  for C in "${CONDITIONS[@]}"; do TRAINED+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  trained "$S"
   pstage "linear_probe_s$S" linear_probe "$S" "$RESULTS/seed$S/linear_probe.json" "${TRAINED[@]}"
 done
 for S in $SEEDS; do
-  VISION=("original=$DEMO_DIR/original" "stage1=$DEMO_DIR/stage1_full")
-  for C in "${CONDITIONS[@]}"; do VISION+=("$C=$DEMO_DIR/stage2/${C}_s$S"); done
+  trained "$S"
   # shellcheck disable=SC2086
-  pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" --vision "${VISION[@]}" \
+  pstage "alignment_s$S"  "$PYTHON" -m analysis.alignment --data "$WORLD/prh/prh.jsonl" \
+                          --vision "original=$DEMO_DIR/original" "${TRAINED[@]}" \
                           --language minilm --num_samples "$ALIGN_SAMPLES" --seeds $ALIGN_SEEDS \
                           --output_dir "$RESULTS/seed$S/alignment"
 done

@@ -75,6 +75,10 @@ def _count_sentence(places: Sequence[str]) -> str:
     return f"I find {len(places)} objects: {', '.join(ones[:-1])} and {ones[-1]}."
 
 
+def _objects_statement(count: str) -> str:
+    return "There is 1 object." if count == "1" else f"There are {count} objects."
+
+
 def _colour_question(
     scene: Scene, centres: list[tuple[float, float]], rng: np.random.Generator
 ) -> Question | None:
@@ -135,7 +139,7 @@ def _count_question(scene: Scene, centres: list[tuple[float, float]], rng: np.ra
         str(wrong),
         _count_sentence(places),
         _count_sentence(wrong_places),
-        "There is 1 object." if true == 1 else f"There are {true} objects.",
+        _objects_statement(str(true)),
         targets,
     )
 
@@ -195,7 +199,7 @@ def candidate_statement(question: Question, value: str) -> str:
         return f"The {_group(colour, question)} object is {article(value)} {value}."
     if kind == "count":
         _group(re.fullmatch(r"(How many objects are there in the image)\?", question.text), question)
-        return "There is 1 object." if value == "1" else f"There are {value} objects."
+        return _objects_statement(value)
     if kind == "position":
         pair = re.fullmatch(r"Is the (.+) to the left of the (.+)\?", question.text)
         a, b = _group(pair, question), str(pair.group(2))
